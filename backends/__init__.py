@@ -1,0 +1,29 @@
+"""Model backends: the innermost `next` of the pipeline.
+
+Heavy imports (torch, transformers) happen only when a backend is built.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from contextwise.backends.base import Backend
+
+if TYPE_CHECKING:
+    from contextwise.policy import Budget, Local
+
+__all__ = ["Backend", "build_backend"]
+
+
+def build_backend(spec: Local, budget: Budget) -> Backend:
+    """The backend a policy asks for."""
+    from contextwise.backends.local import LocalBackend
+
+    return LocalBackend(
+        model=spec.model,
+        device=spec.device,
+        dtype=spec.dtype,
+        cache_dir=spec.cache_dir,
+        max_context_tokens=budget.max_context_tokens,
+        default_max_tokens=budget.max_output_tokens,
+    )

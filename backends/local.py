@@ -1,0 +1,222 @@
+"""The local backend: a transformers chat model in this process.
+
+Steps for one call: render the chat (tools into the system prompt, see
+chat_format), check the window, pick decoding (greedy or sampled; grammar-
+constrained for a required tool call or a JSON-schema reply), generate with
+an optional streamer, trim at stop strings, then parse tool calls. It knows
+nothing about stages or storage. Calls run one at a time here; batching is a
+separate engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from contextwise.errors import BackendError, Cancelled, ContextOverflow
+from contextwise.types import Call, InvalidToolCall, Message, Reply, Tool, ToolCall, Usage
+from contextwise.backends.base import Backend
+from contextwise.backends.chat_format import (
+    TOOL_CALL_OPEN,
+    parse_tool_calls,
+    template_messages,
+    tool_call_schema,
+)
+from contextwise.backends.grammar import Grammars
+from contextwise.backends.loading import LoadedModel, load_model
+
+__all__ = ["LocalBackend"]
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class _DeltaStreamer:
+    """A transformers streamer that sends text deltas to `sink`.
+
+    It holds back any tail that could still become a stop string (or, with
+    tools, the start of a `<tool_call>`), and a trailing partial UTF-8 char,
+    so the deltas always add up to exactly the reply's final text.
+    """
+
+    def __init__(self, tokenizer: Any, sink: Callable[[str], None], markers: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.sink = sink
+        self.markers = [m for m in markers if m]
+        self.ids: list[int] = []
+        self.sent = 0
+        self.done = False  # a marker was seen: nothing more is content
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        if self.done:
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(m) for m in self.markers) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.done = text[:cut], True
+        else:
+            hold = max((k for m in self.markers for k in range(1, len(m))
+                        if text.endswith(m[:k])), default=0)
+            text = text[: len(text) - hold]
+        text = text.rstrip("\ufffd")
+        if len(text) > self.sent:
+            self.sink(text[self.sent:])
+            self.sent = len(text)
+
+    def end(self) -> None:
+        pass
+
+    def finish(self, final: str) -> None:
+        """Send what the final text has beyond what was already sent."""
+        if len(final) > self.sent and final.startswith(final[: self.sent]):
+            self.sink(final[self.sent:])
+            self.sent = len(final)
+
+
+class LocalBackend(Backend):
+    def __init__(
+        self,
+        model: str = "smollm2-135m-instruct",
+        device: str = "auto",
+        dtype: str = "auto",
+        cache_dir: str | None = None,
+        max_context_tokens: int | None = None,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        loaded: LoadedModel | None = None,
+    ):
+        self.loaded = loaded or load_model(model, device=device, dtype=dtype, cache_dir=cache_dir)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.model_name = model
+        window = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.context_window = min(window, max_context_tokens or window)
+        self.default_max_tokens = default_max_tokens
+        self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
+        self._lock = threading.Lock()  # one generate at a time on this model
+
+    # -- prompt
+
+    def _forced_tool(self, call: Call) -> list[Tool] | None:
+        """Tools to constrain to when the call must be a tool call, else None."""
+        choice = call.params.tool_choice
+        if choice == "required":
+            return list(call.tools)
+        if choice not in ("auto", "none"):
+            tool = call.tool(choice)
+            return [tool] if tool else None
+        return None
+
+    def render(self, call: Call) -> str:
+        text = self.tokenizer.apply_chat_template(
+            template_messages(call), tokenize=False, add_generation_prompt=True
+        )
+        if self._forced_tool(call):
+            text += TOOL_CALL_OPEN  # the model continues inside the tag
+        return str(text)
+
+    def count_tokens(self, messages: Sequence[Message], tools: Iterable[Tool] = ()) -> int:
+        call = Call(messages=list(messages), tools=list(tools))
+        return len(self.tokenizer(self.render(call), add_special_tokens=False)["input_ids"])
+
+    # -- generation
+
+    def generate(self, calls: Sequence[Call]) -> list[Reply]:
+        return [self._generate_one(c) for c in calls]
+
+    def _generate_one(self, call: Call) -> Reply:
+        import torch
+
+        t0 = time.perf_counter()
+        p = call.params
+        forced = self._forced_tool(call)
+        max_new = p.max_tokens or self.default_max_tokens
+        enc = self.tokenizer(self.render(call), return_tensors="pt", add_special_tokens=False)
+        n_prompt = int(enc["input_ids"].shape[1])
+        if n_prompt + max_new > self.context_window:
+            raise ContextOverflow(n_prompt, max_new, self.context_window)
+
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+        }
+        if p.temperature > 0:
+            kwargs.update(do_sample=True, temperature=p.temperature, top_p=p.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if forced:
+            kwargs["logits_processor"] = [self.grammars.processor(tool_call_schema(forced))]
+        elif p.response_format:
+            kwargs["logits_processor"] = [self.grammars.processor(p.json_schema)]
+        if p.stop and not forced and not p.response_format:
+            kwargs.update(stop_strings=p.stop, tokenizer=self.tokenizer)
+        streamer = None
+        if call.on_delta is not None and not forced:
+            markers = list(p.stop or [])
+            if call.tools and p.tool_choice != "none":
+                markers.append(TOOL_CALL_OPEN)
+            streamer = _DeltaStreamer(self.tokenizer, call.on_delta, markers)
+            kwargs["streamer"] = streamer
+
+        with self._lock, torch.inference_mode():
+            if p.seed is not None:
+                torch.manual_seed(p.seed)
+            enc = enc.to(self.model.device)
+            try:
+                out = self.model.generate(**enc, **kwargs)
+            except Cancelled:
+                raise
+            except Exception as e:
+                raise BackendError(f"generation failed: {type(e).__name__}: {e}") from e
+        new_ids = out[0, n_prompt:].tolist()
+        ended = bool(new_ids) and new_ids[-1] == self.tokenizer.eos_token_id
+        text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+        finish = "stop" if ended else "length"
+        if p.stop and not forced:
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+
+        calls: list[ToolCall] = []
+        invalid: list[InvalidToolCall] = []
+        content: str | None = text
+        if forced:
+            content = None
+            calls, invalid = _forced_call(text, forced)
+        elif call.tools and p.tool_choice != "none":
+            content, calls, invalid = parse_tool_calls(text, call.tools)
+        if calls:
+            finish = "tool_calls"
+        if content is None and not calls:
+            content = ""  # an invalid forced call: the raw text is in invalid_tool_calls
+        if streamer is not None:
+            streamer.finish(content or "")
+        call.trace.add(
+            "backend", model=self.model_name, prompt_tokens=n_prompt,
+            completion_tokens=len(new_ids), constrained=bool(forced or p.response_format),
+        )
+        return Reply(
+            message=Message(role="assistant", content=content, tool_calls=calls or None),
+            usage=Usage(prompt_tokens=n_prompt, completion_tokens=len(new_ids)),
+            model=self.model_name,
+            finish_reason=finish,
+            trace=call.trace,
+            invalid_tool_calls=invalid,
+            latency_s=time.perf_counter() - t0,
+        )
+
+
+def _forced_call(text: str, tools: list[Tool]) -> tuple[list[ToolCall], list[InvalidToolCall]]:
+    """Parse the JSON that grammar-constrained decoding produced inside <tool_call>."""
+    raw = text.split("</tool_call>")[0].strip()
+    _, calls, invalid = parse_tool_calls(TOOL_CALL_OPEN + raw, tools)
+    if not calls and not invalid:
+        invalid = [InvalidToolCall(raw=raw, error="no tool call in output")]
+    return calls, invalid
+

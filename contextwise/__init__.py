@@ -1,0 +1,44 @@
+"""contextwise: cheaper calls to a local model, through context engineering and efficient serving.
+
+    from contextwise import Pipeline
+    reply = Pipeline()([{"role": "user", "content": "Hi!"}])
+"""
+
+from contextwise.errors import (
+    BackendError,
+    Cancelled,
+    ContextOverflow,
+    ContextwiseError,
+    InputError,
+    ModelNotFound,
+    Overloaded,
+    PolicyError,
+    StageError,
+)
+from contextwise.types import Call, Message, Params, Reply, Tool, ToolCall, Trace, Usage
+from contextwise.policy import Policy
+from contextwise.pipeline import Pipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "Call",
+    "Cancelled",
+    "ContextOverflow",
+    "ContextwiseError",
+    "InputError",
+    "Message",
+    "ModelNotFound",
+    "Overloaded",
+    "Params",
+    "Pipeline",
+    "Policy",
+    "PolicyError",
+    "Reply",
+    "StageError",
+    "Tool",
+    "ToolCall",
+    "Trace",
+    "Usage",
+]

@@ -1,0 +1,237 @@
+"""The Pipeline: a policy's stages around a backend, as one callable.
+
+    pipeline = Pipeline(policy)
+    reply = pipeline(messages, tools=tools, session="s1", max_tokens=64)
+
+For each call it (1) validates the input into a `Call`, (2) puts the session's
+stored history in front of the new messages, (3) runs the stages as an onion
+around the backend, (4) records the call in the ledger and appends the new
+turn to the session. `achat` is the async twin; `stream`/`astream` yield text
+deltas and then the final Reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from contextwise.errors import Cancelled
+from contextwise.policy import Policy
+from contextwise.types import Call, Message, Reply, parse_messages
+from contextwise.backends import Backend, build_backend
+from contextwise.memory.conversations import Conversations
+from contextwise.memory.ledger import Ledger
+from contextwise.memory.store import Store
+from contextwise.middleware.base import acompose, compose
+
+__all__ = ["Pipeline"]
+
+
+def build_stages(policy: Policy) -> list[Any]:
+    """The stages a policy turns on, outermost first (DESIGN.md order)."""
+    return []
+
+
+class Pipeline:
+    """Callable front door: `pipeline(messages, tools=None, session=None, **params) -> Reply`."""
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        backend: Backend | None = None,
+        stages: Sequence[Any] | None = None,
+        store: Store | None = None,
+    ):
+        self.policy = policy or Policy()
+        self._backend = backend
+        self._backend_lock = threading.Lock()
+        self.stages = list(stages) if stages is not None else build_stages(self.policy)
+        self.store = store or Store(self.policy.storage.path)
+        self.conversations = Conversations(self.store)
+        self.ledger = Ledger(self.store) if self.policy.storage.ledger else None
+
+    @property
+    def backend(self) -> Backend:
+        """The model backend, built (and the model loaded) on first use."""
+        with self._backend_lock:
+            if self._backend is None:
+                self._backend = build_backend(self.policy.backend, self.policy.budget)
+            return self._backend
+
+    # -- 1, 2: input
+
+    def prepare(
+        self,
+        messages: Sequence[Message | Mapping[str, Any]],
+        tools: Sequence[Any] | None = None,
+        session: str | None = None,
+        user: str | None = None,
+        **params: Any,
+    ) -> tuple[Call, list[Message]]:
+        """(the full call, the messages new to the session)."""
+        new = parse_messages(messages)
+        if session is not None:
+            history = self.conversations.history(session)
+            # Callers may resend the whole conversation (OpenAI style) or only the new turn.
+            if new[: len(history)] == history:
+                new = new[len(history):]
+            full = history + new
+        else:
+            full = new
+        params.setdefault("max_tokens", self.policy.budget.max_output_tokens)
+        call = Call.build(full, tools=tools, session=session, user=user, **params)
+        return call, new
+
+    # -- 4: bookkeeping
+
+    def _finish(self, raw: Call, seen: Call, reply: Reply, new: list[Message], t0: float) -> Reply:
+        reply.latency_s = time.perf_counter() - t0
+        if self.ledger is not None:
+            raw_tokens = self.backend.count_tokens(raw.messages, raw.tools)
+            self.ledger.record(raw, seen, reply, raw_tokens)
+        if raw.session is not None:
+            self.conversations.append(raw.session, [*new, reply.message])
+        return reply
+
+    # -- 3: the onion, sync and async
+
+    def _run(self, call: Call, new: list[Message]) -> Reply:
+        t0 = time.perf_counter()
+        seen: dict[str, Call] = {}
+
+        def inner(c: Call) -> Reply:
+            seen["call"] = c
+            return self.backend.generate([c])[0]
+
+        reply = compose(self.stages, inner)(call)
+        return self._finish(call, seen.get("call", call), reply, new, t0)
+
+    async def _arun(self, call: Call, new: list[Message]) -> Reply:
+        t0 = time.perf_counter()
+        seen: dict[str, Call] = {}
+
+        async def inner(c: Call) -> Reply:
+            seen["call"] = c
+            return (await self.backend.agenerate([c]))[0]
+
+        reply = await acompose(self.stages, inner)(call)
+        return self._finish(call, seen.get("call", call), reply, new, t0)
+
+    def __call__(
+        self,
+        messages: Sequence[Message | Mapping[str, Any]],
+        tools: Sequence[Any] | None = None,
+        session: str | None = None,
+        **params: Any,
+    ) -> Reply:
+        call, new = self.prepare(messages, tools, session, **params)
+        return self._run(call, new)
+
+    chat = __call__
+
+    async def achat(
+        self,
+        messages: Sequence[Message | Mapping[str, Any]],
+        tools: Sequence[Any] | None = None,
+        session: str | None = None,
+        **params: Any,
+    ) -> Reply:
+        call, new = self.prepare(messages, tools, session, **params)
+        return await self._arun(call, new)
+
+    # -- streaming: the backend calls call.on_delta; a worker thread runs the onion
+
+    def stream(
+        self,
+        messages: Sequence[Message | Mapping[str, Any]],
+        tools: Sequence[Any] | None = None,
+        session: str | None = None,
+        **params: Any,
+    ) -> Iterator[str | Reply]:
+        """Yield text deltas, then the final Reply. Closing the iterator stops generation."""
+        call, new = self.prepare(messages, tools, session, **params)
+        q: queue.Queue[Any] = queue.Queue()
+        stop = threading.Event()
+        call = call.model_copy(update={"on_delta": _sink(q.put, stop)})
+
+        def work() -> None:
+            try:
+                q.put(_Done(self._run(call, new)))
+            except BaseException as e:  # handed to the consumer, not swallowed
+                q.put(_Failed(e))
+
+        threading.Thread(target=work, daemon=True, name="contextwise-stream").start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, str):
+                    yield item
+                elif isinstance(item, _Done):
+                    yield item.reply
+                    return
+                else:
+                    raise item.error
+        finally:
+            stop.set()
+
+    async def astream(
+        self,
+        messages: Sequence[Message | Mapping[str, Any]],
+        tools: Sequence[Any] | None = None,
+        session: str | None = None,
+        **params: Any,
+    ) -> AsyncIterator[str | Reply]:
+        """Async twin of `stream`."""
+        call, new = self.prepare(messages, tools, session, **params)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        stop = threading.Event()
+        call = call.model_copy(
+            update={"on_delta": _sink(lambda d: loop.call_soon_threadsafe(q.put_nowait, d), stop)}
+        )
+
+        async def work() -> None:
+            try:
+                q.put_nowait(_Done(await self._arun(call, new)))
+            except BaseException as e:
+                q.put_nowait(_Failed(e))
+
+        task = asyncio.ensure_future(work())
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, str):
+                    yield item
+                elif isinstance(item, _Done):
+                    yield item.reply
+                    return
+                else:
+                    raise item.error
+        finally:
+            stop.set()
+            if not task.done():
+                await asyncio.gather(task, return_exceptions=True)
+
+
+class _Done:
+    def __init__(self, reply: Reply):
+        self.reply = reply
+
+
+class _Failed:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _sink(put: Callable[[str], Any], stop: threading.Event) -> Callable[[str], None]:
+    def on_delta(delta: str) -> None:
+        if stop.is_set():
+            raise Cancelled("stream closed by the caller")
+        put(delta)
+
+    return on_delta
