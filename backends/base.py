@@ -30,3 +30,7 @@ class Backend(ABC):
     @abstractmethod
     def count_tokens(self, messages: Sequence[Message], tools: Iterable[Tool] = ()) -> int:
         """Exact prompt tokens of these messages and tools for this model."""
+
+    def prompt_tokens(self, call: Call) -> int:
+        """Exact prompt tokens of this call as the backend would render it."""
+        return self.count_tokens(call.messages, call.tools)

@@ -121,7 +121,9 @@ class LocalBackend(Backend):
         return str(text)
 
     def count_tokens(self, messages: Sequence[Message], tools: Iterable[Tool] = ()) -> int:
-        call = Call(messages=list(messages), tools=list(tools))
+        return self.prompt_tokens(Call(messages=list(messages), tools=list(tools)))
+
+    def prompt_tokens(self, call: Call) -> int:
         return len(self.tokenizer(self.render(call), add_special_tokens=False)["input_ids"])
 
     # -- generation

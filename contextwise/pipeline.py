@@ -74,9 +74,9 @@ class Pipeline:
         **params: Any,
     ) -> tuple[Call, list[Message]]:
         """(the full call, the messages new to the session)."""
-        new = parse_messages(messages)
+        history = self.conversations.history(session) if session is not None else []
+        new = parse_messages(messages, prior=history)
         if session is not None:
-            history = self.conversations.history(session)
             # Callers may resend the whole conversation (OpenAI style) or only the new turn.
             if new[: len(history)] == history:
                 new = new[len(history):]
@@ -92,7 +92,7 @@ class Pipeline:
     def _finish(self, raw: Call, seen: Call, reply: Reply, new: list[Message], t0: float) -> Reply:
         reply.latency_s = time.perf_counter() - t0
         if self.ledger is not None:
-            raw_tokens = self.backend.count_tokens(raw.messages, raw.tools)
+            raw_tokens = self.backend.prompt_tokens(raw)
             self.ledger.record(raw, seen, reply, raw_tokens)
         if raw.session is not None:
             self.conversations.append(raw.session, [*new, reply.message])

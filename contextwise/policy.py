@@ -101,6 +101,8 @@ class Policy(_Strict):
             namespace = runpy.run_path(str(path))
         except ValidationError as e:
             raise PolicyError(f"{path}: {_policy_errors(e)}") from None
+        except Exception as e:  # the user's file failed: say where, not a bare traceback
+            raise PolicyError(f"{path} failed to run: {type(e).__name__}: {e}") from e
         found = namespace.get("policy")
         if not isinstance(found, Policy):
             candidates = [v for v in namespace.values() if isinstance(v, Policy)]
@@ -120,7 +122,7 @@ class Policy(_Strict):
 
     def diff(self, other: Policy) -> dict[str, tuple[Any, Any]]:
         """Dotted field name -> (this value, other value) for every difference."""
-        a, b = _flatten(self.model_dump()), _flatten(other.model_dump())
+        a, b = _flatten(self), _flatten(other)
         return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
@@ -136,13 +138,23 @@ def _policy_errors(e: ValidationError) -> str:
     return "invalid policy: " + "; ".join(parts)
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict) and d and all(isinstance(k, str) for k in d):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
-        return out
-    return {prefix: d}
+def _flatten(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Sub-policies become dotted keys; any other value (dicts too) is one leaf."""
+    out: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            out.update(_flatten(value, key + "."))
+        else:
+            out[key] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value.model_dump() if isinstance(value, BaseModel) else value
 
 
 def _describe(model: BaseModel | None, default: Any, depth: int, lines: list[str]) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, PydanticUserError, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from contextwise.errors import InputError
 
@@ -178,12 +178,18 @@ class Message(BaseModel):
         return parse_messages([d])[0]
 
 
-def parse_messages(items: Iterable[Message | Mapping[str, Any]]) -> list[Message]:
-    """Validate a conversation. Errors name the index and field: ``messages[2].role``."""
+def parse_messages(
+    items: Iterable[Message | Mapping[str, Any]], prior: Iterable[Message] = ()
+) -> list[Message]:
+    """Validate a conversation. Errors name the index and field: ``messages[2].role``.
+
+    `prior`: messages that came before these (a stored session), whose tool
+    calls later tool messages may answer.
+    """
     if isinstance(items, (str, bytes, Mapping)):
         raise InputError("messages", "must be a list of messages")
     out: list[Message] = []
-    open_calls: set[str] = set()
+    open_calls = {tc.id for m in prior for tc in m.tool_calls or ()}
     for i, item in enumerate(items):
         if isinstance(item, Message):
             msg = item
@@ -237,6 +243,11 @@ def _strip_titles(schema: Any) -> Any:
     return schema
 
 
+_SECTION = re.compile(
+    r"^(Args|Arguments|Parameters|Returns|Return|Raises|Yields|Examples?|Notes?|See Also)\s*:?\s*$"
+)
+
+
 def _docstring_args(doc: str) -> tuple[str, dict[str, str]]:
     """Split a Google/NumPy-ish docstring into (summary, {arg: description})."""
     lines = inspect.cleandoc(doc or "").splitlines()
@@ -244,22 +255,23 @@ def _docstring_args(doc: str) -> tuple[str, dict[str, str]]:
     args: dict[str, str] = {}
     in_args = False
     current = None
+    in_summary = True
     for line in lines:
         stripped = line.strip()
-        if re.match(r"^(Args|Arguments|Parameters)\s*:?\s*$", stripped):
-            in_args = True
+        header = _SECTION.match(stripped)
+        if header:
+            in_summary = False
+            in_args = header.group(1) in ("Args", "Arguments", "Parameters")
+            current = None
             continue
         if in_args:
-            if re.match(r"^(Returns|Raises|Yields|Examples?|Notes?)\s*:?\s*$", stripped):
-                in_args = False
-                continue
             m = re.match(r"^(\w+)\s*(\([^)]*\))?\s*:\s*(.*)$", stripped)
             if m and not line.startswith("        "):
                 current = m.group(1)
                 args[current] = m.group(3)
             elif current and stripped and not set(stripped) <= {"-"}:
                 args[current] = (args[current] + " " + stripped).strip()
-        elif not args:
+        elif in_summary:
             summary.append(line)
     return " ".join(s.strip() for s in summary if s.strip()), args
 
@@ -295,9 +307,12 @@ class Tool(BaseModel):
 
     @classmethod
     def from_openai(cls, d: Mapping[str, Any]) -> Tool:
-        fn = d.get("function", d) if d.get("type", "function") == "function" else None
-        if not isinstance(fn, Mapping):
+        if d.get("type", "function") != "function":
             raise ValueError(f"unsupported tool type {d.get('type')!r} (only 'function')")
+        # Chat Completions nest under "function"; the Responses API form is flat.
+        fn = d["function"] if "function" in d else {k: v for k, v in d.items() if k != "type"}
+        if not isinstance(fn, Mapping):
+            raise ValueError("tool 'function' must be a dict")
         unknown = set(fn) - {"name", "description", "parameters", "strict"}
         if unknown:
             raise ValueError(f"unknown tool field(s): {', '.join(sorted(unknown))}")
@@ -320,14 +335,17 @@ class Tool(BaseModel):
         summary, arg_docs = _docstring_args(inspect.getdoc(fn) or "")
         hints = typing.get_type_hints(fn)
         fields: dict[str, Any] = {}
-        for pname, p in inspect.signature(fn).parameters.items():
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                continue
-            annotation = hints.get(pname, Any)
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        for i, p in enumerate(params):
+            annotation = hints.get(p.name, Any)
             default = ... if p.default is p.empty else p.default
-            fields[pname] = (annotation, Field(default, description=arg_docs.get(pname)))
+            # Internal names are neutral (`json`, `_key` would clash with pydantic);
+            # the schema shows the real name through the alias.
+            fields[f"p{i}"] = (annotation, Field(default, alias=p.name,
+                                                 description=arg_docs.get(p.name)))
         model = create_model(f"{fn.__name__}_args", **fields)
-        schema = _strip_titles(model.model_json_schema())
+        schema = _strip_titles(model.model_json_schema(by_alias=True))
         schema.pop("description", None)
         return cls(name=name or fn.__name__, description=summary, parameters=schema, fn=fn)
 
@@ -384,7 +402,7 @@ def parse_tools(items: Iterable[Any] | None) -> list[Tool]:
         except ValidationError as e:
             loc, problem = _first_error(e)
             raise InputError(f"tools[{i}]" + (f".{loc}" if loc else ""), problem) from None
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, PydanticUserError) as e:
             raise InputError(f"tools[{i}]", str(e)) from None
         if tool.name in seen:
             raise InputError(f"tools[{i}].name", f"duplicate tool name {tool.name!r}")

