@@ -18,17 +18,17 @@ from typing import Any
 from contextwise.types import Call, InvalidToolCall, Message, Tool, ToolCall
 
 __all__ = [
-    "TOOL_CALL_OPEN",
     "TOOL_CALL_CLOSE",
-    "template_messages",
+    "TOOL_CALL_OPEN",
     "parse_tool_calls",
+    "template_messages",
     "tool_call_schema",
 ]
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 _CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + r"|$)",
-                      re.S)
+                      re.DOTALL)
 
 
 def tools_prompt(tools: Sequence[Tool]) -> str:

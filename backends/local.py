@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from contextwise.errors import BackendError, Cancelled, ContextOverflow
-from contextwise.types import Call, InvalidToolCall, Message, Reply, Tool, ToolCall, Usage
 from contextwise.backends.base import Backend
 from contextwise.backends.chat_format import (
     TOOL_CALL_OPEN,
@@ -26,6 +24,9 @@ from contextwise.backends.chat_format import (
 )
 from contextwise.backends.grammar import Grammars
 from contextwise.backends.loading import LoadedModel, load_model
+
+from contextwise.errors import BackendError, Cancelled, ContextOverflow
+from contextwise.types import Call, InvalidToolCall, Message, Reply, Tool, ToolCall, Usage
 
 __all__ = ["LocalBackend"]
 

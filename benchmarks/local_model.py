@@ -13,13 +13,13 @@ import statistics
 import tempfile
 import time
 
+from contextwise.backends.loading import ALIASES, _converted_dir, _packaged_path, load_model
+from contextwise.memory.store import Store
 from rich.console import Console
 from rich.table import Table
 
 from benchmarks.common import write_results
 from contextwise import Pipeline, Policy
-from contextwise.backends.loading import ALIASES, _converted_dir, _packaged_path, load_model
-from contextwise.memory.store import Store
 
 NEW_TOKENS = 128
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]

@@ -15,9 +15,9 @@ from contextwise.errors import (
     PolicyError,
     StageError,
 )
-from contextwise.types import Call, Message, Params, Reply, Tool, ToolCall, Trace, Usage
-from contextwise.policy import Policy
 from contextwise.pipeline import Pipeline
+from contextwise.policy import Policy
+from contextwise.types import Call, Message, Params, Reply, Tool, ToolCall, Trace, Usage
 
 __version__ = "0.1.0"
 

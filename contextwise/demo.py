@@ -9,6 +9,7 @@ ledger on; a table per turn and a summary are printed.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import uuid
@@ -143,7 +144,8 @@ def load_with_progress(pipeline: Pipeline, console: Console) -> float:
 
 def run_demo(policy: Policy | None = None, console: Console | None = None,
              turns: int | None = None) -> list[Step]:
-    console = console or Console()
+    # Piped output (make, CI logs) gets a fixed width so the tables don't squash.
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
     pipeline = Pipeline(policy or Policy())
     load_s = load_with_progress(pipeline, console)
     console.print(f"model [bold]{pipeline.policy.backend.model}[/] ready in {load_s:.1f} s "
@@ -182,7 +184,7 @@ def _print_turn(console: Console, turn: int, user_text: str, steps: list[Step]) 
     table = Table(title=f"turn {turn}: {user_text}", title_justify="left", expand=False)
     for col in ("step", "prompt tok", "output tok", "latency", "tok/s"):
         table.add_column(col, justify="right" if col != "step" else "left", no_wrap=True)
-    table.add_column("tool calls / reply", no_wrap=True, overflow="ellipsis", max_width=70)
+    table.add_column("tool calls / reply", no_wrap=True, overflow="ellipsis", max_width=60)
     for s in steps:
         r = s.reply
         shown = ", ".join(f"{tc.name}({tc.arguments})" for tc in r.tool_calls) or r.text

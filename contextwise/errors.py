@@ -9,15 +9,15 @@ ever disguised as model output.
 from __future__ import annotations
 
 __all__ = [
+    "BackendError",
+    "Cancelled",
+    "ContextOverflow",
     "ContextwiseError",
     "InputError",
+    "ModelNotFound",
+    "Overloaded",
     "PolicyError",
     "StageError",
-    "BackendError",
-    "ModelNotFound",
-    "ContextOverflow",
-    "Overloaded",
-    "Cancelled",
 ]
 
 

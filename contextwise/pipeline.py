@@ -19,14 +19,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from contextwise.errors import Cancelled
-from contextwise.policy import Policy
-from contextwise.types import Call, Message, Reply, parse_messages
 from contextwise.backends import Backend, build_backend
+from contextwise.errors import Cancelled
 from contextwise.memory.conversations import Conversations
 from contextwise.memory.ledger import Ledger
 from contextwise.memory.store import Store
 from contextwise.middleware.base import acompose, compose
+from contextwise.policy import Policy
+from contextwise.types import Call, Message, Reply, parse_messages
 
 __all__ = ["Pipeline"]
 

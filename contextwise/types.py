@@ -18,7 +18,16 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, PydanticUserError, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PydanticUserError,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from contextwise.errors import InputError
 

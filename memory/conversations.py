@@ -6,8 +6,9 @@ import json
 import time
 from collections.abc import Iterable
 
-from contextwise.types import Message
 from contextwise.memory.store import Store
+
+from contextwise.types import Message
 
 __all__ = ["Conversations"]
 

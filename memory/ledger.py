@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from contextwise.memory.store import Store
+
 from contextwise.types import Call, Reply
 
 __all__ = ["CallRecord", "Ledger"]

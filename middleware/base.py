@@ -15,7 +15,7 @@ from typing import Any
 
 from contextwise.types import Call, Reply
 
-__all__ = ["ANext", "Next", "Stage", "compose", "acompose"]
+__all__ = ["ANext", "Next", "Stage", "acompose", "compose"]
 
 Next = Callable[[Call], Reply]
 ANext = Callable[[Call], Awaitable[Reply]]

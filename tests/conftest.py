@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from contextwise.backends.base import Backend
 from contextwise.memory.store import Store
+
 from contextwise.types import Call, Message, Reply, Tool, ToolCall, Usage
 
 

@@ -1,6 +1,7 @@
 """Tool rendering and tool-call parsing, without a model."""
 
 from contextwise.backends.chat_format import parse_tool_calls, template_messages, tool_call_schema
+
 from contextwise.types import Call, parse_tools
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from contextwise.cli import main
 from contextwise.memory.ledger import CallRecord, Ledger
 from contextwise.memory.store import Store
+
+from contextwise.cli import main
 
 
 def _record(ledger: Ledger, raw: int, seen: int) -> None:
@@ -73,11 +73,11 @@ def test_demo_runs_one_turn(capsys):
 
 @pytest.mark.model
 def test_demo_tool_calls_are_valid_and_run():
+    import io
+
     from rich.console import Console
 
     from contextwise.demo import TOOLS, run_demo
-
-    import io
 
     steps = run_demo(console=Console(file=io.StringIO()), turns=2)
     calls = [s.reply for s in steps if s.kind == "tool call"]

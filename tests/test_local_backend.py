@@ -6,10 +6,10 @@ import json
 
 import jsonschema
 import pytest
-
-from contextwise import ContextOverflow, ModelNotFound, Pipeline, Policy, Reply
 from contextwise.backends.loading import ALIASES, _converted_dir, _packaged_path, load_model
 from contextwise.memory.store import Store
+
+from contextwise import ContextOverflow, ModelNotFound, Pipeline, Policy, Reply
 from contextwise.policy import Budget
 
 pytestmark = pytest.mark.model

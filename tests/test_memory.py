@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from contextwise.memory.conversations import Conversations
 from contextwise.memory.ledger import CallRecord, Ledger
 from contextwise.memory.store import Store, default_home
+
 from contextwise.tokens import count_messages, count_text
 from contextwise.types import Call, Message, Reply, ToolCall, Usage
 
@@ -87,11 +87,10 @@ def test_transaction_commits(store: Store) -> None:
 def test_transaction_rolls_back_on_error(store: Store, store_path: Path) -> None:
     store.execute("CREATE TABLE t (a)")
     store.execute("INSERT INTO t VALUES (0)")
-    with pytest.raises(ZeroDivisionError):
-        with store.transaction() as db:
-            db.execute("INSERT INTO t VALUES (1)")
-            db.execute("DELETE FROM t WHERE a = 0")
-            1 / 0  # noqa: B018
+    with pytest.raises(ZeroDivisionError), store.transaction() as db:
+        db.execute("INSERT INTO t VALUES (1)")
+        db.execute("DELETE FROM t WHERE a = 0")
+        1 / 0  # noqa: B018
     assert [r[0] for r in store.query("SELECT a FROM t")] == [0]
     # the store is usable afterwards, and another connection sees the same
     store.execute("INSERT INTO t VALUES (2)")
@@ -105,10 +104,9 @@ def test_transaction_rolls_back_on_error(store: Store, store_path: Path) -> None
 def test_transaction_rolls_back_on_sql_error(store: Store) -> None:
     store.execute("CREATE TABLE t (a PRIMARY KEY)")
     store.execute("INSERT INTO t VALUES (1)")
-    with pytest.raises(Exception, match="UNIQUE"):
-        with store.transaction() as db:
-            db.execute("INSERT INTO t VALUES (2)")
-            db.execute("INSERT INTO t VALUES (1)")
+    with pytest.raises(Exception, match="UNIQUE"), store.transaction() as db:
+        db.execute("INSERT INTO t VALUES (2)")
+        db.execute("INSERT INTO t VALUES (1)")
     assert [r[0] for r in store.query("SELECT a FROM t")] == [1]
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from contextwise import InputError, Pipeline, Policy
-from contextwise.errors import Cancelled
 from contextwise.memory.conversations import Conversations
 from contextwise.memory.ledger import Ledger
 from contextwise.memory.store import Store
 from contextwise.middleware.base import ANext, Next, Stage, acompose, compose
+
+from contextwise import InputError, Pipeline, Policy
+from contextwise.errors import Cancelled
 from contextwise.policy import Budget, Storage
 from contextwise.types import Call, Message, Reply, Usage
 
