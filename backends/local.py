@@ -46,7 +46,7 @@ class _DeltaStreamer:
         self.sink = sink
         self.markers = [m for m in markers if m]
         self.ids: list[int] = []
-        self.sent = 0
+        self.sent = ""  # text already handed to the sink
         self.done = False  # a marker was seen: nothing more is content
         self.prompt_seen = False
 
@@ -66,18 +66,18 @@ class _DeltaStreamer:
                         if text.endswith(m[:k])), default=0)
             text = text[: len(text) - hold]
         text = text.rstrip("\ufffd")
-        if len(text) > self.sent:
-            self.sink(text[self.sent:])
-            self.sent = len(text)
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            self.sink(text[len(self.sent):])
+            self.sent = text
 
     def end(self) -> None:
         pass
 
     def finish(self, final: str) -> None:
         """Send what the final text has beyond what was already sent."""
-        if len(final) > self.sent and final.startswith(final[: self.sent]):
-            self.sink(final[self.sent:])
-            self.sent = len(final)
+        if len(final) > len(self.sent) and final.startswith(self.sent):
+            self.sink(final[len(self.sent):])
+            self.sent = final
 
 
 class LocalBackend(Backend):
