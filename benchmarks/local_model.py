@@ -13,7 +13,7 @@ import statistics
 import tempfile
 import time
 
-from contextwise.backends.loading import ALIASES, _converted_dir, _packaged_path, load_model
+from contextwise.backends.loading import ALIASES, converted_dir, packaged_path, load_model
 from contextwise.memory.store import Store
 from rich.console import Console
 from rich.table import Table
@@ -33,7 +33,7 @@ def main() -> None:
         t0 = time.perf_counter()
         load_model("smollm2-135m-instruct", cache_dir=cache)
         cold_s = time.perf_counter() - t0
-        converted = _converted_dir(str(_packaged_path(ALIASES["smollm2-135m-instruct"])), cache)
+        converted = converted_dir(str(packaged_path(ALIASES["smollm2-135m-instruct"])), cache)
         t0 = time.perf_counter()
         load_model(str(converted))
         warm_s = time.perf_counter() - t0

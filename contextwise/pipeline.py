@@ -161,21 +161,19 @@ class Pipeline:
 
         def work() -> None:
             try:
-                q.put(_Done(self._run(call, new)))
+                q.put(self._run(call, new))
             except BaseException as e:  # handed to the consumer, not swallowed
-                q.put(_Failed(e))
+                q.put(e)
 
         threading.Thread(target=work, daemon=True, name="contextwise-stream").start()
         try:
             while True:
-                item = q.get()
-                if isinstance(item, str):
-                    yield item
-                elif isinstance(item, _Done):
-                    yield item.reply
+                item = q.get()  # a text delta, the final Reply, or the error
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Reply):
                     return
-                else:
-                    raise item.error
         finally:
             stop.set()
 
@@ -197,35 +195,23 @@ class Pipeline:
 
         async def work() -> None:
             try:
-                q.put_nowait(_Done(await self._arun(call, new)))
+                q.put_nowait(await self._arun(call, new))
             except BaseException as e:
-                q.put_nowait(_Failed(e))
+                q.put_nowait(e)
 
         task = asyncio.ensure_future(work())
         try:
             while True:
-                item = await q.get()
-                if isinstance(item, str):
-                    yield item
-                elif isinstance(item, _Done):
-                    yield item.reply
+                item = await q.get()  # a text delta, the final Reply, or the error
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Reply):
                     return
-                else:
-                    raise item.error
         finally:
             stop.set()
             if not task.done():
                 await asyncio.gather(task, return_exceptions=True)
-
-
-class _Done:
-    def __init__(self, reply: Reply):
-        self.reply = reply
-
-
-class _Failed:
-    def __init__(self, error: BaseException):
-        self.error = error
 
 
 def _sink(put: Callable[[str], Any], stop: threading.Event) -> Callable[[str], None]:

@@ -6,7 +6,7 @@ import json
 
 import jsonschema
 import pytest
-from contextwise.backends.loading import ALIASES, _converted_dir, _packaged_path, load_model
+from contextwise.backends.loading import ALIASES, converted_dir, packaged_path, load_model
 from contextwise.memory.store import Store
 
 from contextwise import ContextOverflow, ModelNotFound, Pipeline, Policy, Reply
@@ -161,8 +161,8 @@ def test_prompt_over_budget_is_a_clear_error(tmp_path):
 
 def test_converted_weights_are_cached_and_reload_from_folder(pipeline):
     _ = pipeline.backend
-    gguf = _packaged_path(ALIASES["smollm2-135m-instruct"])
-    converted = _converted_dir(str(gguf), None)
+    gguf = packaged_path(ALIASES["smollm2-135m-instruct"])
+    converted = converted_dir(str(gguf), None)
     assert (converted / "config.json").is_file()
     loaded = load_model(str(converted))
     assert loaded.source == "dir"
