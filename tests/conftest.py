@@ -164,3 +164,11 @@ def store(store_path: Path) -> Iterator[Store]:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Any:
+    """The real default embedder (all-MiniLM-L6-v2, CPU), loaded once per test run."""
+    from contextwise.retrievers.embedder import get_embedder
+
+    return get_embedder()
