@@ -1,4 +1,4 @@
-"""The `contextwise` command: demo, chat, report, models."""
+"""The `contextwise` command: demo, chat, report, models, policy, quarantine."""
 
 from __future__ import annotations
 
@@ -111,6 +111,65 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _printable(text: str) -> str:
+    """Withheld content may carry terminal escape codes: show control characters escaped."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from contextwise.memory.quarantine import QuarantineStore
+    from contextwise.memory.store import Store
+    from contextwise.middleware.quarantine import release
+
+    store = Store(args.db or _policy(args).storage.path)
+    records = QuarantineStore(store)
+    console = Console()
+    if args.action == "list":
+        found = records.list(args.session, include_released=args.all, limit=args.limit)
+        if args.json:
+            print(json.dumps([r.model_dump() for r in found], indent=2))
+            return 0
+        if not found:
+            console.print("No quarantined items." + ("" if args.all else
+                                                     " (--all includes released ones)"))
+            return 0
+        table = Table(title="quarantined items, newest first (`show ID` for details)")
+        cols = ["id", "when", "session", "tool", "detector"] + (["released"] if args.all else [])
+        for col in cols:
+            table.add_column(col, no_wrap=True)
+        table.add_column("reason", ratio=1, overflow="ellipsis")
+        for r in found:
+            row = [r.id, time.strftime("%m-%d %H:%M", time.localtime(r.created)),
+                   r.session or "-", r.tool or r.role, r.detector]
+            row += ["yes" if r.released else "no"] if args.all else []
+            table.add_row(*row, _printable(r.reason[:80]))
+        console.print(table)
+    elif args.action == "show":
+        r = records.require(args.id)
+        if args.json:
+            print(json.dumps(r.model_dump(), indent=2))
+            return 0
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created))
+        facts = [("id", r.id), ("created", when), ("session", r.session or "-"),
+                 ("role", r.role), ("tool", r.tool or "-"),
+                 ("arguments", json.dumps(r.arguments) if r.arguments else "-"),
+                 ("tool_call_id", r.tool_call_id or "-"), ("detector", r.detector),
+                 ("reason", r.reason), ("score", f"{r.score:.3f}"),
+                 ("released", "yes" if r.released else "no"), ("sha256", r.content_hash)]
+        for k, v in facts:
+            console.print(f"[bold]{k}:[/] ", end="")
+            console.print(_printable(v), markup=False, highlight=False)
+        console.print("[bold]content:[/]")
+        console.print(_printable(r.content), markup=False, highlight=False)
+    else:
+        r = release(store, args.id)
+        console.print(f"released {r.id}: its content goes back to the model in later calls"
+                      + (f" of session {r.session}" if r.session else ""), markup=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="contextwise", description=__doc__)
     parser.add_argument("--version", action="version", version="contextwise 0.1.0")
@@ -145,6 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_policy(sub.add_parser("policy", help="print a policy (default or --policy file)"))
     p.set_defaults(func=cmd_policy)
+
+    p = sub.add_parser("quarantine", help="review and release withheld tool outputs")
+    q = p.add_subparsers(dest="action", required=True)
+
+    def with_db(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--db", help="SQLite file (default: the policy's storage path)")
+        p.set_defaults(func=cmd_quarantine)
+        return with_policy(p)
+
+    p = with_db(q.add_parser("list", help="quarantined items, newest first"))
+    p.add_argument("--session", help="only this session")
+    p.add_argument("--all", action="store_true", help="include released items")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = with_db(q.add_parser("show", help="one item: why it was withheld, and its content"))
+    p.add_argument("id", help="the item's id, e.g. q12")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = with_db(q.add_parser("release", help="trust an item: it reaches the model again"))
+    p.add_argument("id", help="the item's id, e.g. q12")
     return parser
 
 

@@ -1,6 +1,6 @@
 """`contextwise demo`: a scripted multi-turn agent session on the embedded model.
 
-A travel assistant with several tools. Each user turn: the model must call a
+A travel assistant with 30 tools (5 it needs, 25 it never calls). Each user turn: the model must call a
 tool (grammar-constrained, so even a 135M model emits a valid call), the tool
 runs for real (plain Python functions), and the model answers from the
 result. Everything goes through the Pipeline, with session memory and the
@@ -90,8 +90,41 @@ def book_hotel(city: str, nights: int) -> dict[str, Any]:
     return {"confirmation": "HX-2291", "city": city, "nights": nights}
 
 
+# An agent rarely has only the tools a turn needs: 25 more, unrelated ones, so the
+# tool-loadout stage has something to cut (they are never called).
+OTHER_TOOLS = [
+    ("get_stock_quote", "Latest price and daily change of a stock ticker."),
+    ("translate_text", "Translate text between two languages."),
+    ("send_email", "Send an email to an address with a subject and body."),
+    ("create_calendar_event", "Add an event to the user's calendar."),
+    ("search_news", "Search recent news articles on a topic."),
+    ("get_sports_scores", "Live and final scores of sports matches."),
+    ("define_word", "Dictionary definition of an English word."),
+    ("solve_math", "Evaluate a math expression step by step."),
+    ("get_recipe", "Find a cooking recipe by dish name."),
+    ("track_package", "Track a parcel by its tracking number."),
+    ("play_music", "Play a song or playlist on the user's speaker."),
+    ("set_reminder", "Set a reminder at a given time."),
+    ("search_jobs", "Search job listings by title and city."),
+    ("get_crypto_price", "Current price of a cryptocurrency."),
+    ("find_movie_showtimes", "Cinema showtimes for a movie near a city."),
+    ("get_horoscope", "Daily horoscope for a zodiac sign."),
+    ("check_spelling", "Check and correct the spelling of a text."),
+    ("summarize_url", "Summarize the text of a web page."),
+    ("search_wikipedia", "Search Wikipedia and return the first paragraph."),
+    ("get_traffic", "Road traffic conditions between two places."),
+    ("order_food_delivery", "Order food delivery from a restaurant."),
+    ("find_pharmacy", "Find open pharmacies near an address."),
+    ("get_air_quality", "Air quality index for a city."),
+    ("calculate_mortgage", "Monthly payment of a mortgage."),
+    ("search_podcasts", "Search podcasts by topic."),
+]
 TOOLS = [Tool.from_function(f) for f in
-         (get_weather, search_flights, convert_currency, find_restaurants, book_hotel)]
+         (get_weather, search_flights, convert_currency, find_restaurants, book_hotel)] + [
+    Tool(name=name, description=desc, parameters={
+        "type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]})
+    for name, desc in OTHER_TOOLS
+]
 
 SYSTEM = "You are a concise travel assistant. Use the tools, then answer in one or two sentences."
 SCRIPT: list[tuple[str, str | None]] = [  # (user turn, tool it needs or None)

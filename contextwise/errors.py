@@ -53,14 +53,14 @@ class ModelNotFound(BackendError):
 class ContextOverflow(BackendError, ValueError):
     """The prompt plus the reserved output tokens do not fit the model window."""
 
-    def __init__(self, prompt_tokens: int, reserved: int, window: int):
+    def __init__(self, prompt_tokens: int, reserved: int, window: int, what: str = "prompt"):
         self.prompt_tokens = prompt_tokens
         self.reserved = reserved
         self.window = window
         self.over_by = prompt_tokens + reserved - window
         super().__init__(
-            f"prompt is {prompt_tokens} tokens and {reserved} are reserved for output, "
-            f"but the model window is {window}: over by {self.over_by} tokens"
+            f"{what} is {prompt_tokens} tokens and {reserved} are reserved for output, "
+            f"but the window is {window}: over by {self.over_by} tokens"
         )
 
 

@@ -26,14 +26,76 @@ from contextwise.memory.ledger import Ledger
 from contextwise.memory.store import Store
 from contextwise.middleware.base import acompose, compose
 from contextwise.policy import Policy
-from contextwise.types import Call, Message, Reply, parse_messages
+from contextwise.types import Call, Message, Params, Reply, parse_messages
 
 __all__ = ["Pipeline"]
 
 
-def build_stages(policy: Policy) -> list[Any]:
-    """The stages a policy turns on, outermost first (DESIGN.md order)."""
-    return []
+def build_stages(
+    policy: Policy,
+    *,
+    store: Store | None = None,
+    backend: Callable[[], Backend] | None = None,
+    embedder: Any = None,
+) -> list[Any]:
+    """The stages a policy turns on, outermost first:
+    templating, quarantine, summarize, prune, tool loadout, budget fit.
+
+    Summarize runs before prune (DESIGN.md draws them the other way round):
+    pruning is for the current query (stale results, chunks this question
+    does not need), while the summary is for the rest of the session, so it
+    must read the turns it folds in full, after quarantine but before pruning
+    throws away what this query happens not to need.
+
+    `backend` is a getter (the model loads on first use only): the summarizer
+    writes with it and budget fit counts with its tokenizer. Without one, the
+    summary is extractive and budget fit needs `policy.budget.max_context_tokens`.
+    The embedder, shared by every stage, also loads on first use.
+    """
+    from contextwise.middleware.budget import BudgetStage
+    from contextwise.middleware.prune import PruneStage
+    from contextwise.middleware.quarantine import QuarantineStage
+    from contextwise.middleware.summarize import SummarizeStage, model_summarizer
+    from contextwise.middleware.templating import TemplatingStage
+    from contextwise.middleware.tool_loadout import ToolLoadoutStage
+    from contextwise.retrievers.embedder import get_embedder
+
+    if embedder is None:
+        model, device = policy.embedding.model, policy.embedding.device
+        embedder = lambda: get_embedder(model, device)  # noqa: E731
+    stages: list[Any] = []
+    if policy.templating is not None:
+        stages.append(TemplatingStage(policy.templating, embedder=embedder))
+    if policy.quarantine is not None:
+        stages.append(QuarantineStage(policy.quarantine, embedder=embedder, store=store))
+    if policy.summarize is not None:
+        summarizer = None
+        if backend is not None and policy.summarize.mode == "model":
+            summarizer = model_summarizer(_generate_text(backend))
+        stages.append(SummarizeStage(policy.summarize, store=store, summarizer=summarizer))
+    if policy.prune is not None:
+        stages.append(PruneStage(policy.prune, embedder=embedder))
+    if policy.tools is not None:
+        stages.append(ToolLoadoutStage(policy.tools, embedder=embedder))
+    if backend is not None:
+        stages.append(BudgetStage(
+            policy.budget,
+            window=lambda: backend().context_window,
+            counter=lambda call: backend().prompt_tokens(call),
+        ))
+    elif policy.budget.max_context_tokens is not None:
+        stages.append(BudgetStage(policy.budget))
+    return stages
+
+
+def _generate_text(backend: Callable[[], Backend]) -> Callable[[list[Message], int], str]:
+    """`generate(messages, max_tokens) -> text` on the serving model, greedy."""
+
+    def generate(messages: list[Message], max_tokens: int) -> str:
+        call = Call(messages=messages, params=Params(max_tokens=max_tokens))
+        return backend().generate([call])[0].text
+
+    return generate
 
 
 class Pipeline:
@@ -50,8 +112,11 @@ class Pipeline:
         self.policy = policy or Policy()
         self._backend = backend
         self._backend_lock = threading.Lock()
-        self.stages = list(stages) if stages is not None else build_stages(self.policy)
         self.store = store or Store(self.policy.storage.path)
+        self.stages = (
+            list(stages) if stages is not None
+            else build_stages(self.policy, store=self.store, backend=lambda: self.backend)
+        )
         self.conversations = Conversations(self.store)
         self.ledger = Ledger(self.store) if self.policy.storage.ledger else None
 
@@ -71,6 +136,7 @@ class Pipeline:
         tools: Sequence[Any] | None = None,
         session: str | None = None,
         user: str | None = None,
+        variables: Mapping[str, Any] | None = None,
         **params: Any,
     ) -> tuple[Call, list[Message]]:
         """(the full call, the messages new to the session)."""
@@ -84,7 +150,9 @@ class Pipeline:
         else:
             full = new
         params.setdefault("max_tokens", self.policy.budget.max_output_tokens)
-        call = Call.build(full, tools=tools, session=session, user=user, **params)
+        call = Call.build(
+            full, tools=tools, session=session, user=user, variables=variables, **params
+        )
         return call, new
 
     # -- 4: bookkeeping
@@ -95,6 +163,11 @@ class Pipeline:
             raw_tokens = self.backend.prompt_tokens(raw)
             self.ledger.record(raw, seen, reply, raw_tokens)
         if raw.session is not None:
+            # Long-term memory keeps quarantine placeholders, never the withheld content.
+            for stage in self.stages:
+                clean = getattr(stage, "clean", None)
+                if clean is not None:
+                    new = clean(new, session=raw.session, context=raw.messages)
             self.conversations.append(raw.session, [*new, reply.message])
         return reply
 

@@ -107,6 +107,10 @@ class Quarantine(_Strict):
     action: Literal["placeholder", "remove"] = Field(
         "placeholder", description="replace a flagged item by a short note, or drop it"
     )
+    volatile: list[str] | None = Field(
+        None, description="regexes of attributes that may change between results without "
+        "contradicting (times, prices, weather...); None: the built-in list"
+    )
 
     @field_validator("detectors")
     @classmethod
@@ -142,7 +146,7 @@ class Summarize(_Strict):
     mode: Literal["model", "extractive"] = Field(
         "model", description="the local model writes the summary, or sentences are extracted"
     )
-    max_summary_tokens: int = Field(256, ge=16, description="summary length cap")
+    max_summary_tokens: int = Field(400, ge=16, description="summary length cap")
     pin: list[str] = Field(
         default_factory=list, description="regexes: sentences matching one are kept verbatim"
     )

@@ -543,6 +543,9 @@ class Call(BaseModel):
     params: Params = Field(default_factory=Params)
     session: str | None = None
     user: str | None = None
+    variables: dict[str, Any] = Field(
+        default_factory=dict, description="values for the policy's prompt template"
+    )
     trace: Trace = Field(default_factory=Trace)
     # Streaming sink: the backend calls it with each text delta. Not data.
     on_delta: Callable[[str], None] | None = Field(default=None, exclude=True, repr=False)
@@ -554,15 +557,21 @@ class Call(BaseModel):
         tools: Iterable[Any] | None = None,
         session: str | None = None,
         user: str | None = None,
+        variables: Mapping[str, Any] | None = None,
         **params: Any,
     ) -> Call:
         """Validate raw user input into a Call; errors name the field."""
+        if variables is not None and not isinstance(variables, Mapping):
+            raise InputError(
+                "variables", f"must map names to values, got {type(variables).__name__}"
+            )
         call = cls(
             messages=parse_messages(messages),
             tools=parse_tools(tools),
             params=Params.parse(params),
             session=session,
             user=user,
+            variables=dict(variables or {}),
         )
         if not call.messages:
             raise InputError("messages", "must hold at least one message")
