@@ -44,7 +44,9 @@ def _encoding() -> Any:
         ) from e
 
 
+@lru_cache(maxsize=65_536)
 def count_text(text: str) -> int:
+    """cl100k tokens of `text`; memoized, since stages count the same history every call."""
     return len(_encoding().encode(text, disallowed_special=()))
 
 

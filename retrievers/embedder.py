@@ -7,9 +7,11 @@ dot product is the cosine. Each distinct text is embedded once per process
 attack patterns are embedded when first seen and then cost a dict lookup.
 
 We load through sentence-transformers (so any sentence-transformers folder
-works: its pooling and normalization config are honoured) but run the modules
-ourselves: `encode()` adds several milliseconds of per-call overhead, which a
-10 ms stage budget cannot afford.
+works: its pooling and normalization config are honoured) but do not call
+`encode()`: its per-call overhead is several milliseconds, which a 10 ms stage
+budget cannot afford. BERT-family models with mean pooling (the default) run
+through a lean forward of the same weights (`fast_bert.py`), checked on load
+against the sentence-transformers output; other models run their modules.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class Embedder:
         self._model.eval()
         self._torch = torch
         self.dim = int(self._model.get_embedding_dimension() or 0)
+        self._fast = self._fast_path()
         self.batch_size = batch_size
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
@@ -114,7 +117,41 @@ class Embedder:
     def embed_one(self, text: str) -> np.ndarray:
         return self.embed([text])[0]
 
+    def _fast_path(self) -> Any:
+        """A lean BERT forward (retrievers/fast_bert.py) when the model is one it covers
+        and it reproduces the sentence-transformers embedding; else None."""
+        from contextwise.retrievers.fast_bert import FastBert, supports
+
+        modules = list(self._model)
+        names = [type(m).__name__ for m in modules]
+        if names[:1] != ["Transformer"] or names[1:2] != ["Pooling"] or len(names) > 3:
+            return None
+        hf = getattr(modules[0], "auto_model", None)
+        pooling = getattr(modules[1], "pooling_mode", None)
+        if pooling is None and hasattr(modules[1], "get_config_dict"):
+            pooling = modules[1].get_config_dict().get("pooling_mode")
+        if hf is None or not supports(hf, pooling):
+            return None
+        fast = FastBert(hf)
+        probe = ["contextwise", "a longer probe sentence, padded against the short one"]
+        tokens = self._model.tokenizer(probe, padding=True, return_tensors="pt")
+        got = fast(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+        want = self._slow_forward(probe)
+        same = float((got.cpu().numpy() * want).sum(-1).min()) > 0.9999
+        return fast if same else None
+
     def _forward(self, texts: list[str]) -> np.ndarray:
+        if self._fast is None:
+            return self._slow_forward(texts)
+        tokens = self._model.tokenizer(
+            texts, padding=True, truncation=True, max_length=self._model.max_seq_length,
+            return_tensors="pt",
+        )
+        out = self._fast(tokens["input_ids"].to(self.device),
+                         tokens["attention_mask"].to(self.device))
+        return out.cpu().numpy()
+
+    def _slow_forward(self, texts: list[str]) -> np.ndarray:
         model = self._model
         features: dict[str, Any] = model.preprocess(texts)
         features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in features.items()}
