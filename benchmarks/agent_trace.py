@@ -25,6 +25,7 @@ import argparse
 import time
 from typing import Any
 
+from contextwise.memory.store import Store
 from rich.console import Console
 from rich.table import Table
 
@@ -32,7 +33,6 @@ from benchmarks.agent_scenario import FACTS, INJECTION, facts_kept, tools, turns
 from benchmarks.common import write_results
 from benchmarks.replay import ReplayBackend
 from contextwise import Pipeline, Policy
-from contextwise.memory.store import Store
 from contextwise.policy import Storage, Summarize
 from contextwise.tokens import count_messages
 from contextwise.types import Call

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from contextwise.backends.base import Backend
+
 from contextwise.tokens import count_messages
 from contextwise.types import Call, Message, Reply, Tool, ToolCall, Usage
 

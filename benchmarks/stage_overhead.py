@@ -19,16 +19,16 @@ import statistics
 import time
 from typing import Any
 
+from contextwise.memory.store import Store
+from contextwise.middleware.base import compose
+from contextwise.retrievers.embedder import get_embedder
 from rich.console import Console
 from rich.table import Table
 
 from benchmarks.agent_scenario import tools, turns
 from benchmarks.common import write_results
-from contextwise.memory.store import Store
-from contextwise.middleware.base import compose
 from contextwise.pipeline import build_stages
 from contextwise.policy import Budget, Policy, Summarize
-from contextwise.retrievers.embedder import get_embedder
 from contextwise.types import Call, Message, Reply, ToolCall
 
 QUESTIONS = [

@@ -62,7 +62,7 @@ def build_stages(
 
     if embedder is None:
         model, device = policy.embedding.model, policy.embedding.device
-        embedder = lambda: get_embedder(model, device)  # noqa: E731
+        embedder = lambda: get_embedder(model, device)
     stages: list[Any] = []
     if policy.templating is not None:
         stages.append(TemplatingStage(policy.templating, embedder=embedder))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 import runpy
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator

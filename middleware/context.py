@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 from contextwise.retrievers.embedder import DEFAULT_EMBEDDER, Embedder, get_embedder
+
 from contextwise.tokens import count_text
 from contextwise.types import Call, Message
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from contextwise.middleware.budget import BudgetStage, approx_prompt_tokens
 
 from contextwise.errors import ContextOverflow
-from contextwise.middleware.budget import BudgetStage, approx_prompt_tokens
 from contextwise.policy import Budget
 from contextwise.types import Call
 
@@ -45,7 +45,7 @@ def test_drops_oldest_units_and_never_orphans() -> None:
 
 def test_exact_counter_and_window_callable() -> None:
     call = Call.build(_conversation(6), max_tokens=10)
-    words = lambda c: sum(len((m.content or "").split()) for m in c.messages)  # noqa: E731
+    words = lambda c: sum(len((m.content or "").split()) for m in c.messages)
     out = BudgetStage(Budget(), window=lambda: 200, counter=words).apply(call)
     assert words(out) <= 190
 

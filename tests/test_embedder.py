@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from contextwise.retrievers.embedder import Embedder, resolve_embedder
 
 from contextwise.errors import ModelNotFound
-from contextwise.retrievers.embedder import Embedder, resolve_embedder
 
 
 def test_matches_sentence_transformers_encode(embedder) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from contextwise.memory.store import Store
 
 from contextwise import Pipeline, Policy
 from contextwise.errors import ContextOverflow
-from contextwise.memory.store import Store
 from contextwise.pipeline import build_stages
 from contextwise.policy import Budget, Storage, Summarize, Templating, ToolLoadout
 

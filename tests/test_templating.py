@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
-from contextwise.errors import InputError
 from contextwise.middleware.templates import TemplateRegistry, default_registry
 from contextwise.middleware.templating import TemplatingStage
+
+from contextwise.errors import InputError
 from contextwise.policy import Example, Templating
 from contextwise.types import Call
 
