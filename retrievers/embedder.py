@@ -10,8 +10,10 @@ We load through sentence-transformers (so any sentence-transformers folder
 works: its pooling and normalization config are honoured) but do not call
 `encode()`: its per-call overhead is several milliseconds, which a 10 ms stage
 budget cannot afford. BERT-family models with mean pooling (the default) run
-through a lean forward of the same weights (`fast_bert.py`), checked on load
-against the sentence-transformers output; other models run their modules.
+through a lean forward of the same weights (`fast_bert.py`), and on CPU through
+ONNX Runtime when it is installed (`onnx_bert.py`, about twice as fast again);
+either is checked on load against the sentence-transformers output, and other
+models run their own modules. `Embedder.backend` says which path is in use.
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ class Embedder:
 
         self.name = model
         self.device = _pick_device(device)
-        self._model = SentenceTransformer(resolve_embedder(model), device=self.device)
+        self.path = resolve_embedder(model)
+        self.backend = "sentence-transformers"  # or "torch-lean" / "onnxruntime", see _fast_path
+        self._model = SentenceTransformer(self.path, device=self.device)
         self._model.max_seq_length = min(max_length, self._model.max_seq_length or max_length)
         self._model.eval()
         self._torch = torch
@@ -137,16 +141,32 @@ class Embedder:
         tokens = self._model.tokenizer(probe, padding=True, return_tensors="pt")
         got = fast(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
         want = self._slow_forward(probe)
-        same = float((got.cpu().numpy() * want).sum(-1).min()) > 0.9999
-        return fast if same else None
+        if float((got.cpu().numpy() * want).sum(-1).min()) <= 0.9999:
+            return None
+        if self.device == "cpu":  # ONNX Runtime is about twice as fast again on CPU
+            from contextwise.retrievers.onnx_bert import OnnxEmbedder, cache_path
+
+            onnx = OnnxEmbedder.build(hf, cache_path(self.path, self.dim),
+                                      self._torch.get_num_threads())
+            if onnx is not None:
+                np_tokens = self._model.tokenizer(probe, padding=True, return_tensors="np")
+                got_np = onnx(np_tokens["input_ids"], np_tokens["attention_mask"])
+                if float((got_np * want).sum(-1).min()) > 0.9999:
+                    self.backend = "onnxruntime"
+                    return onnx
+        self.backend = "torch-lean"
+        return fast
 
     def _forward(self, texts: list[str]) -> np.ndarray:
         if self._fast is None:
             return self._slow_forward(texts)
+        onnx = self.backend == "onnxruntime"
         tokens = self._model.tokenizer(
             texts, padding=True, truncation=True, max_length=self._model.max_seq_length,
-            return_tensors="pt",
+            return_tensors="np" if onnx else "pt",
         )
+        if onnx:
+            return self._fast(tokens["input_ids"], tokens["attention_mask"])
         out = self._fast(tokens["input_ids"].to(self.device),
                          tokens["attention_mask"].to(self.device))
         return out.cpu().numpy()

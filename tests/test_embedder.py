@@ -19,11 +19,17 @@ def test_matches_sentence_transformers_encode(embedder) -> None:
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
-def test_lean_forward_is_used_for_the_default_model(embedder) -> None:
-    assert embedder._fast is not None
+def test_fast_paths_are_exact(embedder) -> None:
+    from contextwise.retrievers.fast_bert import FastBert
+
+    assert embedder.backend == "onnxruntime"  # CPU, onnxruntime installed: the fastest path
     texts = ["short", "a much longer sentence so that the batch needs padding for the first"]
-    assert np.allclose((embedder._forward(texts) * embedder._slow_forward(texts)).sum(-1), 1.0,
-                       atol=1e-4)
+    reference = embedder._slow_forward(texts)
+    assert np.allclose((embedder._forward(texts) * reference).sum(-1), 1.0, atol=1e-4)
+    lean = FastBert(embedder._model[0].auto_model)
+    tokens = embedder._model.tokenizer(texts, padding=True, return_tensors="pt")
+    got = lean(tokens["input_ids"], tokens["attention_mask"]).numpy()
+    assert np.allclose((got * reference).sum(-1), 1.0, atol=1e-4)
 
 
 def test_memoized_and_order_preserved(embedder) -> None:
