@@ -144,7 +144,9 @@ class Summarize(_Strict):
     trigger_tokens: int = Field(1500, ge=64, description="summarize past this many tokens")
     keep_last: int = Field(4, ge=0, description="most recent turns kept verbatim")
     mode: Literal["model", "extractive"] = Field(
-        "model", description="the local model writes the summary, or sentences are extracted"
+        "extractive",
+        description="sentences are extracted (deterministic), or the serving model writes "
+        "the summary (checked: one that drops the facts falls back to extractive)",
     )
     max_summary_tokens: int = Field(400, ge=16, description="summary length cap")
     pin: list[str] = Field(

@@ -17,8 +17,10 @@ from scratch (pinned facts are kept).
 Two ways to write it:
 - "model": `summarizer(text, max_tokens)`; the pipeline passes
   `model_summarizer(generate)`, which prompts the local model with
-  `SUMMARY_PROMPT`. If it raises (or writes nothing), the stage falls back to
-  the extractive summary and says so in the trace.
+  `SUMMARY_PROMPT`. If it raises, writes nothing, or keeps fewer than half of
+  the identifiers (codes, dates, numbers) it was given, the stage falls back to
+  the extractive summary and says so in the trace: the embedded 135M model
+  writes fluent summaries that lose the facts, so "extractive" is the default.
 - "extractive" (also the fallback without a summarizer): deterministic; keeps
   the sentences with entities, numbers, dates, ids, decisions and preferences,
   drops greetings and filler, under `max_summary_tokens`.
@@ -329,6 +331,22 @@ def extractive_summary(text: str, max_tokens: int) -> str:
 
 # --------------------------------------------------------------------------- model
 
+MIN_KEPT_IDENTIFIERS = 0.5  # share of the source's identifiers a model summary must keep
+
+
+def _dropped_identifiers(source: str, summary: str) -> str | None:
+    """Why a model summary is not faithful enough to use, or None when it is: it must
+    keep at least half of the identifiers (codes, dates, numbers, emails) of its source."""
+    wanted = [i for i in identifiers(source) if not i.isdigit() or len(i) > 2]
+    if not wanted:
+        return None
+    low = summary.lower()
+    kept = sum(1 for i in wanted if i in low)
+    if kept >= MIN_KEPT_IDENTIFIERS * len(wanted):
+        return None
+    return f"model summary kept {kept} of {len(wanted)} identifiers; used extractive"
+
+
 
 def model_summarizer(generate: Callable[[list[Message], int], str],
                      prompt: str = SUMMARY_PROMPT) -> Summarizer:
@@ -516,7 +534,13 @@ class SummarizeStage(Stage):
             out = self.summarizer(model_input, cap)
             if not isinstance(out, str) or not out.strip():
                 raise ValueError("the summarizer returned no text")
-            return cap_tokens(out, cap), "model", None
+            out = cap_tokens(out, cap)
+            missing = _dropped_identifiers(model_input, out)
+            if missing is not None:
+                # A small model can write fluent text that keeps none of the facts;
+                # an unfaithful summary is worse than an extractive one.
+                return _extract(text, cap, exclude), "extractive", missing
+            return out, "model", None
         except Exception as e:  # noqa: BLE001 - any summarizer failure falls back to extractive
             reason = f"summarizer failed: {type(e).__name__}: {e}"
             return _extract(text, cap, exclude), "extractive", reason

@@ -62,19 +62,24 @@ def summary_of(call: Call) -> str:
 
 
 class FakeSummarizer:
-    """Records what it was given; writes the first line of each new message block."""
+    """Records what it was given; writes `summary #N` and the identifiers it read (a
+    faithful summary), or only `summary #N` when `faithful` is False."""
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, faithful: bool = True):
         self.inputs: list[str] = []
         self.fail = fail
+        self.faithful = faithful
         self.threads: list[int] = []
 
     def __call__(self, text: str, max_tokens: int) -> str:
+        from contextwise.retrievers.chunks import identifiers
+
         self.inputs.append(text)
         self.threads.append(threading.get_ident())
         if self.fail:
             raise RuntimeError("model crashed")
-        return f"summary #{len(self.inputs)}"
+        facts = " ".join(identifiers(text)) if self.faithful else ""
+        return f"summary #{len(self.inputs)} {facts}".strip()
 
 
 def stage(store: Store | None = None, summarizer: Any = None, **policy: Any) -> SummarizeStage:
@@ -226,7 +231,7 @@ def test_without_a_session_nothing_is_stored() -> None:
 
 
 def test_pinned_facts_survive_every_rewrite(store: Store) -> None:
-    fake = FakeSummarizer()  # writes "summary #n": it forgets everything each time
+    fake = FakeSummarizer()  # rewrites the whole summary each time: pins must survive that
     s = stage(store, fake, mode="model", keep_last=1, pin=[r"(?i)allerg", r"LX-\d+"])
     msgs = conversation(TRIP, "Q1")
     for n in range(3):
@@ -329,7 +334,7 @@ async def test_async_path_summarizes_in_a_worker_thread(store: Store) -> None:
 
     reply = await s.acall(Call(messages=conversation(TRIP), session="a"), anext)
     assert reply.text == "ok"
-    assert summary_of(seen[0]).endswith("summary #1")
+    assert "summary #1" in summary_of(seen[0])
     assert fake.threads[0] != threading.get_ident()
 
 
@@ -342,3 +347,16 @@ def test_transcript_shortens_tool_results_and_shows_calls() -> None:
     assert lines[0] == "User: Find hotels"
     assert lines[1] == 'Assistant: called search({"q": "Lisbon"})'
     assert lines[2].startswith("Tool search: hotel") and count_text(lines[2]) < 100
+
+
+def test_unfaithful_model_summary_falls_back_to_extractive(store: Store) -> None:
+    msgs = [user("Book flight LX-1234 on 2026-12-18 for Ana, window seat, one checked bag."),
+            assistant("Booked LX-1234 for Ana on 2026-12-18, seat 14A, one bag included."),
+            user("And a hotel near the old town for four nights, under 150 EUR a night?"),
+            assistant("Hotel Avenida, reference HX-4411, four nights at 120 EUR a night."),
+            user("Thanks, what next?")]
+    out = stage(store, FakeSummarizer(faithful=False), mode="model", keep_last=1).apply(
+        Call(messages=msgs, session="f"))
+    data = out.trace.of("summarize")[0]
+    assert data["mode"] == "extractive" and "identifiers" in data["fallback"]
+    assert "LX-1234" in (out.messages[0].content or "")
