@@ -35,7 +35,7 @@ from benchmarks.replay import ReplayBackend
 from contextwise import Pipeline, Policy
 from contextwise.policy import Storage, Summarize
 from contextwise.tokens import count_messages
-from contextwise.types import Call
+from contextwise.types import Call, parse_tools
 
 SESSION = "lisbon-trip"
 INJECTION_MARK = "ignore all previous instructions"
@@ -71,7 +71,7 @@ def run(pol: Policy | None = None) -> dict[str, Any]:
         for tool_name, args, result in turn.steps:
             backend.call_tool(tool_name, args)
             reply = pipe(new, tools=catalogue, session=SESSION)
-            raw, seen = _last_pair(pipe, backend)
+            raw, seen = _last_pair(pipe)
             raw_tokens, engineered_tokens, calls = (
                 raw_tokens + raw, engineered_tokens + seen, calls + 1)
             call_id = reply.tool_calls[0].id
@@ -80,7 +80,7 @@ def run(pol: Policy | None = None) -> dict[str, Any]:
                 injected_turn = number
         backend.say(turn.answer)
         pipe(new, tools=catalogue, session=SESSION)
-        raw, seen = _last_pair(pipe, backend)
+        raw, seen = _last_pair(pipe)
         raw_tokens, engineered_tokens, calls = raw_tokens + raw, engineered_tokens + seen, calls + 1
         if injected_turn is not None and INJECTION_MARK in prompt_text(backend.seen[-1]).lower():
             injection_seen_after = True
@@ -95,7 +95,7 @@ def run(pol: Policy | None = None) -> dict[str, Any]:
     injection_stored = any(INJECTION_MARK in (r.content or "").lower() for r in records)
     total_raw = sum(r["passthrough"] for r in rows)
     total_eng = sum(r["engineered"] for r in rows)
-    tool_schema_raw = count_messages([], [_tool for _tool in _as_tools(catalogue)])
+    tool_schema_raw = count_messages([], parse_tools(catalogue))
     return {
         "turns": len(rows),
         "model_calls": sum(r["calls"] for r in rows),
@@ -116,13 +116,7 @@ def run(pol: Policy | None = None) -> dict[str, Any]:
     }
 
 
-def _as_tools(catalogue: list[dict[str, Any]]) -> list[Any]:
-    from contextwise.types import parse_tools
-
-    return parse_tools(catalogue)
-
-
-def _last_pair(pipe: Pipeline, backend: ReplayBackend) -> tuple[int, int]:
+def _last_pair(pipe: Pipeline) -> tuple[int, int]:
     """(passthrough, engineered) cl100k prompt tokens of the call just made."""
     assert pipe.ledger is not None
     row = pipe.ledger.rows()[-1]
@@ -150,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({result['quarantined_items']} items quarantined: {', '.join(result['quarantine_reasons'])})"
         f"\nwall time {result['seconds']} s for {result['model_calls']} calls"
     )
-    path = write_results("agent_trace", {k: v for k, v in result.items()})
+    path = write_results("agent_trace", result)
     console.print(f"wrote {path}")
 
 

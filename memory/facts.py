@@ -43,6 +43,7 @@ __all__ = [
     "compile_patterns",
     "conflicts",
     "is_volatile",
+    "json_object",
     "observe",
     "subject_of",
 ]
@@ -117,16 +118,22 @@ def _flatten(obj: Mapping[str, Any], prefix: str, depth: int, out: dict[str, str
             out[name] = _canonical(value)
 
 
-def observe(content: str) -> dict[str, str] | None:
-    """Attribute -> canonical JSON value of a JSON-object result; None if it is not one."""
-    text = content.strip()
+def json_object(text: str) -> dict[str, Any] | None:
+    """`text` parsed as a JSON object, or None (not JSON, or JSON but not an object)."""
+    text = text.strip()
     if not text.startswith("{"):
         return None
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, RecursionError):
         return None
-    if not isinstance(data, dict):
+    return data if isinstance(data, dict) else None
+
+
+def observe(content: str) -> dict[str, str] | None:
+    """Attribute -> canonical JSON value of a JSON-object result; None if it is not one."""
+    data = json_object(content)
+    if data is None:
         return None
     out: dict[str, str] = {}
     _flatten(data, "", 0, out)

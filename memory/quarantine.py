@@ -220,28 +220,24 @@ class QuarantineStore:
     ) -> int:
         """Delete records (and clean verdicts) matching every filter given; returns records
         deleted. With no filter at all everything goes."""
-        where, params = [], []
-        if session is not None:
-            where.append("session=?")
-            params.append(session)
-        if older_than_s is not None:
-            where.append("created<?")
-            params.append(time.time() - older_than_s)
-        clause = (" WHERE " + " AND ".join(where)) if where else ""
-        rel = (" AND " if where else " WHERE ") + "released=1" if released_only else ""
+        cutoff = None if older_than_s is None else time.time() - older_than_s
+
+        def scope(time_column: str, *extra: str) -> tuple[str, list[Any]]:
+            where, params = list(extra), []  # `extra` conditions take no parameters
+            if session is not None:
+                where.append("session=?")
+                params.append(session)
+            if cutoff is not None:
+                where.append(f"{time_column}<?")
+                params.append(cutoff)
+            return (" WHERE " + " AND ".join(where)) if where else "", params
+
         with self.store.transaction() as db:
-            n = db.execute(f"DELETE FROM quarantine{clause}{rel}", params).rowcount
+            clause, params = scope("created", *(["released=1"] if released_only else []))
+            n = db.execute(f"DELETE FROM quarantine{clause}", params).rowcount
             if not released_only:  # verdicts for the same scope go too
-                seen_where = []
-                seen_params: list[Any] = []
-                if session is not None:
-                    seen_where.append("session=?")
-                    seen_params.append(session)
-                if older_than_s is not None:
-                    seen_where.append("seen<?")
-                    seen_params.append(time.time() - older_than_s)
-                seen_clause = (" WHERE " + " AND ".join(seen_where)) if seen_where else ""
-                db.execute(f"DELETE FROM quarantine_seen{seen_clause}", seen_params)
+                clause, params = scope("seen")
+                db.execute(f"DELETE FROM quarantine_seen{clause}", params)
         return n
 
     # -- clean verdicts (memo of items scanned and found clean)

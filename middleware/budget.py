@@ -19,30 +19,18 @@ under the limit; the first call, and any call near the limit, count exactly.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from functools import lru_cache
 
 from contextwise.errors import ContextOverflow
 from contextwise.policy import Budget
-from contextwise.tokens import count_text
-from contextwise.types import Call, Tool
+from contextwise.types import Call
 
 from .base import Stage
-from .context import count_messages, message_tokens, record, split_head, units
+from .context import count_messages, message_tokens, record, split_head, tool_tokens, units
 
 __all__ = ["BudgetStage", "approx_prompt_tokens"]
 
 SAFETY = 1.25  # head-room on the calibrated estimate before we trust it without counting
-
-
-@lru_cache(maxsize=16_384)
-def _tool_tokens(schema_json: str) -> int:
-    return count_text(schema_json)
-
-
-def tool_tokens(tool: Tool) -> int:
-    return _tool_tokens(json.dumps(tool.to_openai(), sort_keys=True))
 
 
 def approx_prompt_tokens(call: Call) -> int:

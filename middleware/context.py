@@ -10,16 +10,22 @@ message are the head, which stages leave alone.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from functools import lru_cache
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from contextwise.retrievers.embedder import DEFAULT_EMBEDDER, Embedder, get_embedder
 
 from contextwise.tokens import count_text
-from contextwise.types import Call, Message
+from contextwise.errors import PolicyError
+from contextwise.types import Call, Message, Tool
+
+P = TypeVar("P", bound=BaseModel)
 
 __all__ = [
     "EmbedderSource",
+    "coerce_policy",
     "count_messages",
     "embedder_getter",
     "latest_query",
@@ -27,6 +33,7 @@ __all__ = [
     "message_tokens",
     "record",
     "split_head",
+    "tool_tokens",
     "turn_index",
     "units",
 ]
@@ -51,14 +58,29 @@ def message_text(m: Message) -> str:
     return "\n".join(p for p in parts if p)
 
 
-@lru_cache(maxsize=65_536)
-def _count(text: str) -> int:
-    return count_text(text)
-
-
 def message_tokens(m: Message) -> int:
     """cl100k tokens of one message plus OpenAI's per-message framing (3)."""
-    return _count(message_text(m)) + 3
+    return count_text(message_text(m)) + 3
+
+
+def tool_tokens(tool: Tool) -> int:
+    """cl100k tokens of a tool's OpenAI schema (the JSON a hosted model is sent)."""
+    return count_text(json.dumps(tool.to_openai()))
+
+
+def coerce_policy(policy: P | Mapping[str, Any] | None, cls: type[P]) -> P:
+    """A stage's sub-policy from None (defaults), an instance or a dict; PolicyError otherwise."""
+    if policy is None:
+        return cls()
+    if isinstance(policy, cls):
+        return policy
+    what = cls.__name__
+    if isinstance(policy, Mapping):
+        try:
+            return cls.model_validate(dict(policy))
+        except ValidationError as e:
+            raise PolicyError(f"invalid {what.lower()} policy: {e.errors()[0]['msg']}") from None
+    raise PolicyError(f"{what}Stage needs a {what} policy, got {type(policy).__name__}")
 
 
 def count_messages(messages: Sequence[Message]) -> int:

@@ -22,7 +22,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from contextwise.memory.facts import DEFAULT_VOLATILE, FactView, compile_patterns, conflicts
+from contextwise.memory.facts import (
+    DEFAULT_VOLATILE,
+    FactView,
+    compile_patterns,
+    conflicts,
+    json_object,
+)
 
 from contextwise.policy import Quarantine
 from contextwise.tokens import count_text
@@ -120,13 +126,8 @@ _STATUS_KEYS = ("status", "status_code", "statusCode", "code", "http_status")
 
 
 def _json_error(text: str) -> str | None:
-    if not text.startswith("{"):
-        return None
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return None
-    if not isinstance(data, dict):
+    data = json_object(text)
+    if data is None:
         return None
     for key in ("error", "errors", "exception", "fault"):
         value = data.get(key)

@@ -40,6 +40,7 @@ from typing import Any
 from contextwise.middleware.base import ANext, Stage
 from contextwise.middleware.context import (
     EmbedderSource,
+    coerce_policy,
     embedder_getter,
     latest_query,
     message_tokens,
@@ -49,9 +50,7 @@ from contextwise.middleware.context import (
     units,
 )
 from contextwise.retrievers.chunks import identifiers, select_chunks
-from pydantic import ValidationError
 
-from contextwise.errors import PolicyError
 from contextwise.policy import Prune
 from contextwise.tokens import count_text
 from contextwise.types import Call, Message, Reply, ToolCall
@@ -76,18 +75,6 @@ def placeholder(tool: str, reason: str, age: int = 0) -> str:
     return f"[result of {tool} omitted: {_REASONS[reason].format(age=age)}]"
 
 
-def _coerce(policy: Prune | Mapping[str, Any] | None) -> Prune:
-    if policy is None:
-        return Prune()
-    if isinstance(policy, Prune):
-        return policy
-    if isinstance(policy, Mapping):
-        try:
-            return Prune.model_validate(dict(policy))
-        except ValidationError as e:
-            raise PolicyError(f"invalid prune policy: {e.errors()[0]['msg']}") from None
-    raise PolicyError(f"PruneStage needs a Prune policy, got {type(policy).__name__}")
-
 
 class PruneStage(Stage):
     """Drops duplicates, superseded and stale tool results; cuts long items to what
@@ -97,7 +84,7 @@ class PruneStage(Stage):
 
     def __init__(self, policy: Prune | Mapping[str, Any] | None = None, *,
                  embedder: EmbedderSource = None):
-        self.policy = _coerce(policy)
+        self.policy = coerce_policy(policy, Prune)
         self._embedder = embedder_getter(embedder)
 
     # -- stage contract

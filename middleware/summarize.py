@@ -39,12 +39,19 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from contextwise.memory.facts import json_object
 from contextwise.memory.store import Store
 from contextwise.memory.summaries import Summaries
 from contextwise.middleware.base import ANext, Stage
-from contextwise.middleware.context import count_messages, message_tokens, record, split_head, units
+from contextwise.middleware.context import (
+    coerce_policy,
+    count_messages,
+    message_tokens,
+    record,
+    split_head,
+    units,
+)
 from contextwise.retrievers.chunks import identifiers
-from pydantic import ValidationError
 
 from contextwise.errors import PolicyError
 from contextwise.policy import Summarize
@@ -148,11 +155,8 @@ def transcript(messages: Sequence[Message]) -> str:
 def _tool_facts(text: str) -> str | None:
     """A JSON object result as `key value; key value` sentences of its scalar fields (lists
     of records become a count): what a summary can keep of data. None if not an object."""
-    try:
-        data = json.loads(text)
-    except (ValueError, TypeError):
-        return None
-    if not isinstance(data, dict):
+    data = json_object(text)
+    if data is None:
         return None
     parts: list[str] = []
 
@@ -389,18 +393,6 @@ def anchor_keys(messages: Sequence[Message], head: int) -> list[str]:
     return keys
 
 
-def _coerce(policy: Summarize | Mapping[str, Any] | None) -> Summarize:
-    if policy is None:
-        return Summarize()
-    if isinstance(policy, Summarize):
-        return policy
-    if isinstance(policy, Mapping):
-        try:
-            return Summarize.model_validate(dict(policy))
-        except ValidationError as e:
-            raise PolicyError(f"invalid summarize policy: {e.errors()[0]['msg']}") from None
-    raise PolicyError(f"SummarizeStage needs a Summarize policy, got {type(policy).__name__}")
-
 
 class SummarizeStage(Stage):
     """Folds old turns into a running, stored, incremental summary (see the module doc)."""
@@ -409,7 +401,7 @@ class SummarizeStage(Stage):
 
     def __init__(self, policy: Summarize | Mapping[str, Any] | None = None, *,
                  store: Store | None = None, summarizer: Summarizer | None = None):
-        self.policy = _coerce(policy)
+        self.policy = coerce_policy(policy, Summarize)
         if summarizer is not None and not callable(summarizer):
             raise PolicyError(f"summarizer must be callable, got {type(summarizer).__name__}")
         self.summarizer = summarizer

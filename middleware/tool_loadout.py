@@ -34,19 +34,21 @@ led to them (off by default: a model that picks the wrong tool would teach it).
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from pathlib import Path
 
 from contextwise.middleware.base import ANext, Stage
-from contextwise.middleware.context import EmbedderSource, embedder_getter, latest_query
+from contextwise.middleware.context import (
+    EmbedderSource,
+    embedder_getter,
+    latest_query,
+    tool_tokens,
+)
 from contextwise.retrievers.tools import ToolRetriever, catalogue_hash
 
 from contextwise.policy import ToolLoadout
-from contextwise.tokens import count_text
 from contextwise.types import Call, Message, Reply, Tool
 
 __all__ = ["ToolLoadoutStage", "schema_tokens"]
@@ -56,14 +58,8 @@ CONTEXT_CHARS = 1000  # how much of the latest tool result / assistant text join
 SHORT_KEY = 16
 
 
-@lru_cache(maxsize=8192)
-def _count_json(text: str) -> int:
-    return count_text(text)
-
-
-def schema_tokens(tool: Tool) -> int:
-    """cl100k tokens of the tool's OpenAI schema (the JSON a hosted model is sent)."""
-    return _count_json(json.dumps(tool.to_openai()))
+# Kept under its old name: the trace's schema token counts.
+schema_tokens = tool_tokens
 
 
 class ToolLoadoutStage(Stage):
