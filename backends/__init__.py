@@ -26,4 +26,6 @@ def build_backend(spec: Local, budget: Budget) -> Backend:
         cache_dir=spec.cache_dir,
         max_context_tokens=budget.max_context_tokens,
         default_max_tokens=budget.max_output_tokens,
+        prefix_cache_mb=spec.prefix_cache_mb,
+        prefix_cache_min_tokens=spec.prefix_cache_min_tokens,
     )

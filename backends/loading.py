@@ -190,3 +190,32 @@ def load_model(
         loaded = LoadedModel(spec, model, tok, dev, torch_dtype, source)
         _LOADED[key] = loaded
         return loaded
+
+
+def load_tokenizer(spec: str, cache_dir: str | None = None) -> tuple[Any, int]:
+    """(tokenizer, context window) of `spec` without loading its weights.
+
+    A GGUF that was never converted is converted first (the weights are not
+    kept in memory); a model already loaded in this process lends its own.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    with _LOCK:
+        for key, loaded in _LOADED.items():
+            if key[0] == spec and key[3] == cache_dir:
+                config = loaded.model.config
+                return loaded.tokenizer, int(getattr(config, "max_position_embeddings", 2048))
+    kind, location = resolve(spec)
+    if kind == "gguf":
+        converted = converted_dir(location, cache_dir)
+        if not (converted / "config.json").is_file():
+            _convert_gguf(location, converted)
+        location = str(converted)
+    try:
+        tok = AutoTokenizer.from_pretrained(location)
+        config = AutoConfig.from_pretrained(location)
+    except OSError as e:
+        raise ModelNotFound(f"cannot load the tokenizer of {spec!r}: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok, int(getattr(config, "max_position_embeddings", 2048))

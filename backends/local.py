@@ -6,13 +6,20 @@ constrained for a required tool call or a JSON-schema reply), generate with
 an optional streamer, trim at stop strings, then parse tool calls. It knows
 nothing about stages or storage. Calls run one at a time here; batching is a
 separate engine.
+
+Prefix KV cache: the rendered system part of a prompt (system message(s) plus
+the tools block chat_format puts there) is prefilled once and its keys/values
+kept in a `PrefixCache`; later calls that open with the same tokens hand
+`generate` a copy and prefill only the rest. Greedy output is unchanged.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
 from typing import Any
 
 from contextwise.backends.base import Backend
@@ -24,6 +31,8 @@ from contextwise.backends.chat_format import (
 )
 from contextwise.backends.grammar import Grammars
 from contextwise.backends.loading import LoadedModel, load_model
+from contextwise.backends.prefix_cache import PrefixCache, copy_cache
+from contextwise.backends.prompt import forced_tools, render_prompt
 
 from contextwise.errors import BackendError, Cancelled, ContextOverflow
 from contextwise.types import Call, InvalidToolCall, Message, Reply, Tool, ToolCall, Usage
@@ -90,7 +99,12 @@ class LocalBackend(Backend):
         max_context_tokens: int | None = None,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         loaded: LoadedModel | None = None,
+        prefix_cache_mb: float = 256,
+        prefix_cache_min_tokens: int = 32,
     ):
+        """`prefix_cache_mb`: memory for cached prompt prefixes (KV), 0 turns
+        the prefix cache off; `prefix_cache_min_tokens`: shorter system parts
+        are not cached."""
         self.loaded = loaded or load_model(model, device=device, dtype=dtype, cache_dir=cache_dir)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
@@ -100,26 +114,66 @@ class LocalBackend(Backend):
         self.default_max_tokens = default_max_tokens
         self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
         self._lock = threading.Lock()  # one generate at a time on this model
+        self.prefix_cache: PrefixCache | None = (
+            PrefixCache(int(prefix_cache_mb * 2**20), prefix_cache_min_tokens)
+            if prefix_cache_mb > 0 else None
+        )
+        # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns).
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        self._prefix_token_ids = lru_cache(maxsize=64)(self._prefix_token_ids_uncached)
 
     # -- prompt
 
     def _forced_tool(self, call: Call) -> list[Tool] | None:
         """Tools to constrain to when the call must be a tool call, else None."""
-        choice = call.params.tool_choice
-        if choice == "required":
-            return list(call.tools)
-        if choice not in ("auto", "none"):
-            tool = call.tool(choice)
-            return [tool] if tool else None
-        return None
+        return forced_tools(call)
 
     def render(self, call: Call) -> str:
+        return render_prompt(self.tokenizer, call)
+
+    def _prefix_token_ids_uncached(self, system: tuple[tuple[str, str], ...]) -> tuple[int, ...]:
         text = self.tokenizer.apply_chat_template(
-            template_messages(call), tokenize=False, add_generation_prompt=True
+            [{"role": r, "content": c} for r, c in system], tokenize=False,
+            add_generation_prompt=False,
         )
-        if self._forced_tool(call):
-            text += TOOL_CALL_OPEN  # the model continues inside the tag
-        return str(text)
+        return tuple(self.tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+    def system_prefix(self, call: Call, ids: Sequence[int]) -> tuple[int, ...] | None:
+        """Token ids of the prompt's system part, if worth caching, else None.
+
+        The leading system message(s) of the templated chat (tools included)
+        rendered alone; used only when those ids are an exact prefix of the
+        full prompt `ids`, leave at least one token after them and reach the
+        prefix cache's `min_tokens`.
+        """
+        if self.prefix_cache is None:
+            return None
+        system: list[tuple[str, str]] = []
+        for m in template_messages(call):
+            if m["role"] != "system":
+                break
+            system.append((m["role"], m["content"]))
+        if not system:
+            return None
+        prefix = self._prefix_token_ids(tuple(system))
+        n = len(prefix)
+        if n < self.prefix_cache.min_tokens or n >= len(ids) or tuple(ids[:n]) != prefix:
+            return None
+        return prefix
+
+    def _prefill(self, ids: Sequence[int], start: int, cache: Any) -> Any:
+        """Run the model over ids[start:] on top of `cache` (None: empty); the grown cache."""
+        import torch
+        from transformers import DynamicCache
+
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+        x = torch.tensor([list(ids[start:])], dtype=torch.long, device=self.model.device)
+        extra: dict[str, Any] = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        self.model(input_ids=x, use_cache=True, **{self._cache_kw: cache}, **extra)
+        return cache
 
     def count_tokens(self, messages: Sequence[Message], tools: Iterable[Tool] = ()) -> int:
         return self.prompt_tokens(Call(messages=list(messages), tools=list(tools)))
@@ -143,6 +197,8 @@ class LocalBackend(Backend):
         n_prompt = int(enc["input_ids"].shape[1])
         if n_prompt + max_new > self.context_window:
             raise ContextOverflow(n_prompt, max_new, self.context_window)
+        ids: list[int] = enc["input_ids"][0].tolist() if self.prefix_cache is not None else []
+        prefix = self.system_prefix(call, ids)
 
         kwargs: dict[str, Any] = {
             "max_new_tokens": max_new,
@@ -167,11 +223,23 @@ class LocalBackend(Backend):
             streamer = _DeltaStreamer(self.tokenizer, call.on_delta, markers)
             kwargs["streamer"] = streamer
 
+        reused = stored = 0
         with self._lock, torch.inference_mode():
-            if p.seed is not None:
-                torch.manual_seed(p.seed)
             enc = enc.to(self.model.device)
             try:
+                if prefix is not None and self.prefix_cache is not None:
+                    hit = self.prefix_cache.lookup(ids)
+                    reused, past = hit if hit is not None else (0, None)
+                    if reused < len(prefix):
+                        # Prefill the system part (on top of a shorter hit), keep it, use a copy.
+                        past = self._prefill(prefix, reused, past)
+                        if self.prefix_cache.store(prefix, past):
+                            stored = len(prefix)
+                            past = copy_cache(past)
+                    if past is not None:
+                        kwargs[self._cache_kw] = past  # generate prefills only the rest
+                if p.seed is not None:
+                    torch.manual_seed(p.seed)
                 out = self.model.generate(**enc, **kwargs)
             except Cancelled:
                 raise
@@ -203,6 +271,7 @@ class LocalBackend(Backend):
         call.trace.add(
             "backend", model=self.model_name, prompt_tokens=n_prompt,
             completion_tokens=len(new_ids), constrained=bool(forced or p.response_format),
+            prefix_cached_tokens=reused, prefix_stored_tokens=stored,
         )
         return Reply(
             message=Message(role="assistant", content=content, tool_calls=calls or None),

@@ -1,4 +1,4 @@
-"""The `contextwise` command: demo, chat, report, models, policy, quarantine."""
+"""The `contextwise` command: demo, chat, report, models, policy, quarantine, cache."""
 
 from __future__ import annotations
 
@@ -170,6 +170,74 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> float:
+    """'90', '90s', '30m', '2h', '7d' -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (like 90, 30m, 2h, 7d)") from None
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from contextwise.memory.store import Store
+    from contextwise.middleware.cache import ResponseCache
+
+    policy = _policy(args)
+    spec = policy.cache or type(policy)().cache
+    cache = ResponseCache(spec, store=Store(args.db or policy.storage.path))
+    console = Console()
+    filters = {"session": getattr(args, "session", None), "user": getattr(args, "user", None),
+               "tool": getattr(args, "tool", None),
+               "older_than_s": getattr(args, "older_than", None)}
+    if args.action == "stats":
+        stats = cache.stats()
+        for k in ("threshold", "exact_hits", "semantic_hits", "misses", "stored", "refused",
+                  "guard_rejections"):
+            stats.pop(k, None)  # per-process counters: meaningless in a fresh CLI process
+        if args.json:
+            print(json.dumps(stats, indent=2))
+            return 0
+        table = Table(title="response cache")
+        table.add_column("")
+        table.add_column("value", justify="right")
+        for k, v in stats.items():
+            if k in ("oldest", "last_used") and v:
+                v = time.strftime("%Y-%m-%d %H:%M", time.localtime(v))
+            table.add_row(k, f"{v:,.2f}" if isinstance(v, float) else str(v))
+        console.print(table)
+    elif args.action == "list":
+        found = cache.list(limit=args.limit, **filters)
+        if args.json:
+            print(json.dumps([e.summary() for e in found], indent=2))
+            return 0
+        if not found:
+            console.print("No cache entries.")
+            return 0
+        table = Table(title="cache entries, most recently used first")
+        for col in ("id", "created", "hits", "session", "tools", "kind"):
+            table.add_column(col, no_wrap=True)
+        table.add_column("query", ratio=1, overflow="ellipsis")
+        for e in found:
+            table.add_row(str(e.id), time.strftime("%m-%d %H:%M", time.localtime(e.created)),
+                          str(e.hits), e.session or "-", ",".join(e.tools) or "-",
+                          "semantic" if e.vector is not None else "exact",
+                          _printable(e.query[:100]))
+        console.print(table)
+    else:
+        if not any(v is not None for v in filters.values()) and not args.all:
+            console.print("[bold red]error:[/] say what to purge: --session, --user, --tool, "
+                          "--older-than, or --all")
+            return 2
+        n = cache.invalidate(everything=args.all, **filters)
+        console.print(f"purged {n} cache entr{'y' if n == 1 else 'ies'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="contextwise", description=__doc__)
     parser.add_argument("--version", action="version", version="contextwise 0.1.0")
@@ -223,6 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p = with_db(q.add_parser("release", help="trust an item: it reaches the model again"))
     p.add_argument("id", help="the item's id, e.g. q12")
+
+    p = sub.add_parser("cache", help="response cache: stats, list and purge entries")
+    c = p.add_subparsers(dest="action", required=True)
+    for action, text in (("stats", "entries, size, hits and what they saved"),
+                         ("list", "entries, most recently used first"),
+                         ("purge", "delete entries by session, user, tool or age")):
+        p = with_policy(c.add_parser(action, help=text))
+        p.add_argument("--db", help="SQLite file (default: the policy's storage path)")
+        p.set_defaults(func=cmd_cache)
+        if action == "stats":
+            p.add_argument("--json", action="store_true", help="print JSON")
+            continue
+        p.add_argument("--session", help="only entries of this session")
+        p.add_argument("--user", help="only entries of this user")
+        p.add_argument("--tool", help="only entries that offered or called this tool")
+        p.add_argument("--older-than", type=_duration, metavar="AGE",
+                       help="only entries created longer ago than AGE (90, 30m, 2h, 7d)")
+        if action == "list":
+            p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        else:
+            p.add_argument("--all", action="store_true", help="purge every entry")
     return parser
 
 

@@ -37,9 +37,10 @@ def build_stages(
     store: Store | None = None,
     backend: Callable[[], Backend] | None = None,
     embedder: Any = None,
+    counter: Callable[[], Any] | None = None,
 ) -> list[Any]:
     """The stages a policy turns on, outermost first:
-    templating, quarantine, summarize, prune, tool loadout, budget fit.
+    templating, quarantine, summarize, prune, tool loadout, budget fit, cache.
 
     Summarize runs before prune (DESIGN.md draws them the other way round):
     pruning is for the current query (stale results, chunks this question
@@ -50,8 +51,13 @@ def build_stages(
     `backend` is a getter (the model loads on first use only): the summarizer
     writes with it and budget fit counts with its tokenizer. Without one, the
     summary is extractive and budget fit needs `policy.budget.max_context_tokens`.
+    `counter` (default: `backend`) is a getter of an object with
+    `context_window` and `prompt_tokens(call)`; the pipeline passes one that
+    needs only the tokenizer, so a cache hit never loads the model.
     The embedder, shared by every stage, also loads on first use.
+    The cache is last, so its key is the engineered context the model would see.
     """
+    from contextwise.middleware.cache import CacheStage
     from contextwise.middleware.budget import BudgetStage
     from contextwise.middleware.prune import PruneStage
     from contextwise.middleware.quarantine import QuarantineStage
@@ -77,15 +83,25 @@ def build_stages(
         stages.append(PruneStage(policy.prune, embedder=embedder))
     if policy.tools is not None:
         stages.append(ToolLoadoutStage(policy.tools, embedder=embedder))
-    if backend is not None:
+    counter = counter or backend
+    if counter is not None:
         stages.append(BudgetStage(
             policy.budget,
-            window=lambda: backend().context_window,
-            counter=lambda call: backend().prompt_tokens(call),
+            window=lambda: counter().context_window,
+            counter=lambda call: counter().prompt_tokens(call),
         ))
     elif policy.budget.max_context_tokens is not None:
         stages.append(BudgetStage(policy.budget))
+    if policy.cache is not None:
+        stages.append(CacheStage(policy.cache, store=store, embedder=embedder,
+                                 model=model_identity(policy)))
     return stages
+
+
+def model_identity(policy: Policy) -> str:
+    """What the cache fingerprints as "the model": anything that changes its output."""
+    b = policy.backend
+    return f"{b.model}|quantization={b.quantization}|dtype={b.dtype}"
 
 
 def _generate_text(backend: Callable[[], Backend]) -> Callable[[list[Message], int], str]:
@@ -113,9 +129,11 @@ class Pipeline:
         self._backend = backend
         self._backend_lock = threading.Lock()
         self.store = store or Store(self.policy.storage.path)
+        self._counter: Any = None
         self.stages = (
             list(stages) if stages is not None
-            else build_stages(self.policy, store=self.store, backend=lambda: self.backend)
+            else build_stages(self.policy, store=self.store, backend=lambda: self.backend,
+                              counter=self.prompt_counter)
         )
         self.conversations = Conversations(self.store)
         self.ledger = Ledger(self.store) if self.policy.storage.ledger else None
@@ -127,6 +145,26 @@ class Pipeline:
             if self._backend is None:
                 self._backend = build_backend(self.policy.backend, self.policy.budget)
             return self._backend
+
+    def prompt_counter(self) -> Any:
+        """The loaded backend, or a tokenizer-only counter while the model is not loaded."""
+        if self._backend is not None:
+            return self._backend
+        with self._backend_lock:
+            if self._backend is not None:
+                return self._backend
+            if self._counter is None:
+                from contextwise.backends.prompt import PromptCounter
+
+                spec = self.policy.backend
+                self._counter = PromptCounter(spec.model, spec.cache_dir,
+                                              self.policy.budget.max_context_tokens)
+            return self._counter
+
+    @property
+    def cache(self) -> Any:
+        """The response cache (`ResponseCache`) of the cache stage, or None."""
+        return next((s.cache for s in self.stages if getattr(s, "name", "") == "cache"), None)
 
     # -- 1, 2: input
 
@@ -160,7 +198,7 @@ class Pipeline:
     def _finish(self, raw: Call, seen: Call, reply: Reply, new: list[Message], t0: float) -> Reply:
         reply.latency_s = time.perf_counter() - t0
         if self.ledger is not None:
-            raw_tokens = self.backend.prompt_tokens(raw)
+            raw_tokens = self.prompt_counter().prompt_tokens(raw)
             self.ledger.record(raw, seen, reply, raw_tokens)
         if raw.session is not None:
             # Long-term memory keeps quarantine placeholders, never the withheld content.
@@ -267,10 +305,12 @@ class Pipeline:
         )
 
         async def work() -> None:
+            # call_soon, not put_nowait: deltas a stage sent from this loop thread (a cache
+            # hit) are queued callbacks, and the final Reply must come after them
             try:
-                q.put_nowait(await self._arun(call, new))
+                loop.call_soon(q.put_nowait, await self._arun(call, new))
             except BaseException as e:
-                q.put_nowait(e)
+                loop.call_soon(q.put_nowait, e)
 
         task = asyncio.ensure_future(work())
         try:

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_EMBEDDER",
     "DEFAULT_MODEL",
     "Budget",
+    "Cache",
     "Embedding",
     "Example",
     "Local",
@@ -177,6 +178,57 @@ class ToolLoadout(_Strict):
     )
 
 
+class Cache(_Strict):
+    """The response cache: exact, then semantic, keyed by the engineered context.
+
+    A semantic hit needs the query's similarity to a stored query above the
+    threshold, the same context fingerprint (model, system prompt, tools,
+    output-changing parameters, history digest) and, with `guard`, the same
+    key terms (numbers, negation, entities, direction words).
+    """
+
+    semantic: bool = Field(True, description="False: exact matches only")
+    similarity: float = Field(
+        0.82, ge=0.0, le=1.0, description="cosine a semantic hit needs (the static threshold)"
+    )
+    threshold: Literal["static", "adaptive"] = Field(
+        "static", description="adaptive: per-entry thresholds learned from verified hits"
+    )
+    target_error_rate: float = Field(
+        0.01, gt=0.0, lt=1.0, description="adaptive: wrong hits per hit it aims at"
+    )
+    guard: bool = Field(True, description="semantic hits must agree on numbers, negation, entities")
+    scope: Literal["global", "user", "session"] = Field(
+        "global", description="who shares entries: everyone, one user, one session"
+    )
+    ttl_s: float | None = Field(86_400.0, gt=0, description="entry lifetime; None: no expiry")
+    max_entries: int = Field(50_000, ge=1, description="entries kept; the eviction policy drops")
+    max_bytes: int | None = Field(
+        256 * 2**20, ge=1024, description="stored bytes kept (replies, queries, vectors)"
+    )
+    eviction: Literal["lru", "lfu"] = Field("lru", description="what goes first when full")
+    cache_sampled: bool = Field(
+        False, description="also cache replies sampled with temperature > 0 and no seed"
+    )
+    side_effect_tools: list[str] = Field(
+        default_factory=list, description="a reply calling one of these tools is never cached"
+    )
+    backend: Literal["sqlite", "redis"] = Field(
+        "sqlite", description="sqlite: the policy's store file; redis: redis_url"
+    )
+    redis_url: str | None = Field(None, description="redis://host:port/db for backend='redis'")
+    index_dir: str | None = Field(
+        None, description="where the FAISS index is saved; None: next to the store file"
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^rediss?://|^unix://", v):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
 class Local(_Strict):
     """Serve a model in this process with transformers."""
 
@@ -188,6 +240,12 @@ class Local(_Strict):
         "none", description="weight quantization (more modes come with the backend work)"
     )
     cache_dir: str | None = Field(None, description="converted weights; None: ~/.cache/contextwise")
+    prefix_cache_mb: float = Field(
+        256, ge=0, description="memory for cached prompt prefixes (KV); 0 turns it off"
+    )
+    prefix_cache_min_tokens: int = Field(
+        32, ge=1, description="a system prompt (with tools) shorter than this is not cached"
+    )
 
 
 class Storage(_Strict):
@@ -221,6 +279,7 @@ class Policy(_Strict):
     prune: Prune | None = Field(default_factory=Prune)
     summarize: Summarize | None = Field(default_factory=Summarize)
     tools: ToolLoadout | None = Field(default_factory=ToolLoadout)
+    cache: Cache | None = Field(default_factory=Cache)
     budget: Budget = Field(default_factory=Budget)
     embedding: Embedding = Field(default_factory=Embedding)
     backend: Local = Field(default_factory=Local)

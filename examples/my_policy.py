@@ -6,6 +6,7 @@ Every stage has its own sub-policy; `None` turns a stage off.
 from contextwise import Policy
 from contextwise.policy import (
     Budget,
+    Cache,
     Local,
     Prune,
     Quarantine,
@@ -22,6 +23,10 @@ policy = Policy(
     summarize=Summarize(trigger_tokens=1500, keep_last=4, pin=[r"confirmation \S+"]),
     prune=Prune(dedupe_similarity=0.95, stale_tool_results_after=3),
     tools=ToolLoadout(top_k=5),
+    # exact + semantic reply cache keyed by the engineered context; a tool call to
+    # book_flight is never served from the cache
+    cache=Cache(similarity=0.82, scope="global", ttl_s=3600, max_entries=50_000,
+                eviction="lru", side_effect_tools=["book_flight"]),
     budget=Budget(max_context_tokens=4096, max_output_tokens=128),
     backend=Local(model="smollm2-135m-instruct", device="auto", dtype="auto"),
     storage=Storage(path=None, ledger=True),

@@ -45,8 +45,8 @@ def pipeline(fake_backend, embedder) -> Pipeline:
 
 def test_default_order_and_stages_turn_off() -> None:
     names = [s.name for s in build_stages(Policy(templating=Templating()), backend=None)]
-    assert names == ["templating", "quarantine", "summarize", "prune", "tools"]
-    off = Policy(quarantine=None, prune=None, summarize=None, tools=None,
+    assert names == ["templating", "quarantine", "summarize", "prune", "tools", "cache"]
+    off = Policy(quarantine=None, prune=None, summarize=None, tools=None, cache=None,
                  budget=Budget(max_context_tokens=2048))
     assert [s.name for s in build_stages(off)] == ["budget"]
 
@@ -126,7 +126,7 @@ async def test_async_path_sees_the_same_engineered_call(pipeline, fake_backend) 
 def test_trace_names_every_stage(pipeline, fake_backend) -> None:
     reply = pipeline([{"role": "user", "content": "hello"}], tools=_tools(12))
     stages = [r.stage for r in reply.trace.records]
-    assert stages == ["quarantine", "summarize", "prune", "tools", "budget"]
+    assert stages == ["quarantine", "summarize", "prune", "tools", "budget", "cache", "cache"]
     assert json.dumps(reply.trace.model_dump())  # plain data: the ledger stores it
 
 
