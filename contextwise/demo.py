@@ -4,7 +4,10 @@ A travel assistant with 30 tools (5 it needs, 25 it never calls). Each user turn
 tool (grammar-constrained, so even a 135M model emits a valid call), the tool
 runs for real (plain Python functions), and the model answers from the
 result. Everything goes through the Pipeline, with session memory and the
-ledger on; a table per turn and a summary are printed.
+ledger on; a table per turn and a summary are printed. The scripted turns
+always reach the model (`cache="refresh"`: answered anew, then stored); at the
+end a second user asks the first question, as is and reworded, and the
+response cache answers both without the model.
 """
 
 from __future__ import annotations
@@ -196,21 +199,48 @@ def run_demo(policy: Policy | None = None, console: Console | None = None,
         new.append({"role": "user", "content": user_text})
         if tool_name:
             r = pipeline(new, tools=TOOLS, session=session, tool_choice=tool_name,
-                         max_tokens=MAX_TOKENS)
+                         max_tokens=MAX_TOKENS, cache="refresh")
             steps.append(Step(i, "tool call", r))
             new = []
             for tc in r.tool_calls:
                 result = tools_by_name[tc.name].run(tc.arguments)
                 new.append({"role": "tool", "tool_call_id": tc.id, "name": tc.name,
                             "content": str(result)})
-        r = pipeline(new, tools=TOOLS, session=session, tool_choice="none", max_tokens=MAX_TOKENS)
+        r = pipeline(new, tools=TOOLS, session=session, tool_choice="none", max_tokens=MAX_TOKENS,
+                     cache="refresh")
         steps.append(Step(i, "answer", r))
         _print_turn(console, i, user_text, steps[-2:] if tool_name else steps[-1:])
 
     _print_summary(console, steps)
+    if pipeline.cache is not None and (turns is None or turns >= 1):
+        _cache_encore(pipeline, console)
     if pipeline.ledger is not None:
         print_report(summarize(pipeline.ledger, pipeline.policy.pricing, since=started), console)
     return steps
+
+
+CACHE_ASKS = ("What's the weather in Lisbon today?",   # the first turn, as is
+              "How is the weather in Lisbon today?")   # reworded
+
+
+def _cache_encore(pipeline: Pipeline, console: Console) -> None:
+    """Another user opens with turn 1's question: the response cache answers."""
+    table = Table(title="response cache: a second user asks the first question again",
+                  title_justify="left")
+    for col in ("question", "cache", "similarity", "latency", "model tokens", "reply"):
+        table.add_column(col, no_wrap=col != "reply", overflow="ellipsis", max_width=44)
+    tool = SCRIPT[0][1]
+    for text in CACHE_ASKS:
+        r = pipeline([{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}],
+                     tools=TOOLS, session="demo-" + uuid.uuid4().hex[:8], tool_choice=tool,
+                     max_tokens=MAX_TOKENS)
+        rec = next((c for c in r.trace.of("cache") if "hit" in c), {})
+        shown = ", ".join(f"{tc.name}({tc.arguments})" for tc in r.tool_calls) or r.text
+        table.add_row(text, rec.get("hit") or "miss",
+                      f"{rec['similarity']:.3f}" if rec.get("hit") else "-",
+                      f"{r.latency_s * 1e3:.1f} ms",
+                      str(r.usage.prompt_tokens + r.usage.completion_tokens), shown)
+    console.print(table)
 
 
 def _print_turn(console: Console, turn: int, user_text: str, steps: list[Step]) -> None:

@@ -175,6 +175,7 @@ class Pipeline:
         session: str | None = None,
         user: str | None = None,
         variables: Mapping[str, Any] | None = None,
+        cache: str = "use",
         **params: Any,
     ) -> tuple[Call, list[Message]]:
         """(the full call, the messages new to the session)."""
@@ -189,7 +190,8 @@ class Pipeline:
             full = new
         params.setdefault("max_tokens", self.policy.budget.max_output_tokens)
         call = Call.build(
-            full, tools=tools, session=session, user=user, variables=variables, **params
+            full, tools=tools, session=session, user=user, variables=variables, cache=cache,
+            **params
         )
         return call, new
 

@@ -562,6 +562,9 @@ class Call(BaseModel):
     variables: dict[str, Any] = Field(
         default_factory=dict, description="values for the policy's prompt template"
     )
+    cache: Literal["use", "skip", "refresh"] = Field(
+        "use", description="response cache: use it, skip it, or refresh (answer anew, store)"
+    )
     trace: Trace = Field(default_factory=Trace)
     # Streaming sink: the backend calls it with each text delta. Not data.
     on_delta: Callable[[str], None] | None = Field(default=None, exclude=True, repr=False)
@@ -574,9 +577,12 @@ class Call(BaseModel):
         session: str | None = None,
         user: str | None = None,
         variables: Mapping[str, Any] | None = None,
+        cache: str = "use",
         **params: Any,
     ) -> Call:
         """Validate raw user input into a Call; errors name the field."""
+        if cache not in ("use", "skip", "refresh"):
+            raise InputError("cache", f"must be 'use', 'skip' or 'refresh', got {cache!r}")
         if variables is not None and not isinstance(variables, Mapping):
             raise InputError(
                 "variables", f"must map names to values, got {type(variables).__name__}"
@@ -588,6 +594,7 @@ class Call(BaseModel):
             session=session,
             user=user,
             variables=dict(variables or {}),
+            cache=cache,
         )
         if not call.messages:
             raise InputError("messages", "must hold at least one message")

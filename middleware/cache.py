@@ -592,7 +592,9 @@ class CacheStage(Stage):
         self.cache = cache or ResponseCache(policy, **kwargs)
 
     def __call__(self, call: Call, next: Next) -> Reply:
-        hit = self.cache.lookup_call(call)
+        if call.cache == "skip":
+            return next(call)
+        hit = self.cache.lookup_call(call) if call.cache == "use" else None
         if hit is not None:
             _replay_stream(call, hit.reply)
             return hit.reply
@@ -603,7 +605,10 @@ class CacheStage(Stage):
     async def acall(self, call: Call, anext: ANext) -> Reply:
         import asyncio
 
-        hit = await asyncio.to_thread(self.cache.lookup_call, call)
+        if call.cache == "skip":
+            return await anext(call)
+        hit = (await asyncio.to_thread(self.cache.lookup_call, call)
+               if call.cache == "use" else None)
         if hit is not None:
             _replay_stream(call, hit.reply)
             return hit.reply

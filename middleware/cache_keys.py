@@ -6,7 +6,8 @@ Three pieces, all pure functions of the call (no model, no storage):
   whitespace collapsed, trailing punctuation dropped).
 - `fingerprint(call, ...)`: a digest of everything besides the latest user
   turn that changes the answer: model and quantization, the scope (global, a
-  user, a session), system prompt and template version, the tool set, the
+  user, a session), system prompt and template version, the tool set (the
+  catalogue the caller offered, when tool loadout narrowed it per query), the
   output-changing generation parameters and the engineered history. Two calls
   may share an answer only if their fingerprints are equal, so "how old is he?"
   asked in two conversations about different people never does.
@@ -81,7 +82,11 @@ def fingerprint(call: Call, *, model: str, namespace: str = "global") -> str:
     history = [_message_key(m) for i, m in enumerate(call.messages) if i != q]
     after = 0 if q is None else len(call.messages) - 1 - q  # tool results after the query
     params = call.params.model_dump(include=set(OUTPUT_PARAMS))
-    tools = sorted([t.name, t.description, t.parameters] for t in call.tools)
+    # Tool loadout picks tools per query, so two wordings of one question may see
+    # different subsets: the key is the catalogue the agent offered, when loadout ran.
+    catalogues = [r["catalogue"] for r in call.trace.of("tools") if r.get("catalogue")]
+    tools: object = (["catalogue", catalogues[-1]] if catalogues
+                     else sorted([t.name, t.description, t.parameters] for t in call.tools))
     templates = [r.get("template") for r in call.trace.of("templating") if r.get("template")]
     return _digest({
         "model": model, "scope": namespace, "params": params, "tools": tools,

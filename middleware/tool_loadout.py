@@ -185,6 +185,7 @@ class ToolLoadoutStage(Stage):
             tokens_before=sum(schema_tokens(t) for t in call.tools),
             tokens_after=sum(schema_tokens(t) for t in kept), kept=[t.name for t in kept],
             reason="tool_choice none: only tools already called",
+            catalogue=catalogue_hash(call.tools)[:SHORT_KEY],
         )
         return call.model_copy(update={"tools": kept})
 

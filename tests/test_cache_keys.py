@@ -80,3 +80,16 @@ def test_guard_lets_paraphrases_through(a: str, b: str) -> None:
 def test_key_terms_reads_numbers_in_words_and_digits() -> None:
     t = key_terms("Split 1,000 items into twelve boxes by 9am")
     assert {"1000", "12", "9am"} <= t.numbers
+
+
+def test_fingerprint_keys_the_catalogue_when_loadout_narrowed_it() -> None:
+    def tool(name: str) -> dict:
+        return {"name": name, "description": name, "parameters": {"type": "object"}}
+
+    a = _call([{"role": "user", "content": "weather in Lisbon"}], tools=[tool("w"), tool("x")])
+    b = _call([{"role": "user", "content": "how is the weather in Lisbon"}],
+              tools=[tool("w"), tool("y")])
+    assert fingerprint(a, model="m") != fingerprint(b, model="m")
+    for c in (a, b):
+        c.trace.add("tools", catalogue="abc123", kept=[t.name for t in c.tools])
+    assert fingerprint(a, model="m") == fingerprint(b, model="m")

@@ -69,6 +69,9 @@ def test_demo_runs_one_turn(capsys):
     assert main(["demo", "--turns", "1"]) == 0
     out = capsys.readouterr().out
     assert "get_weather" in out and "demo summary" in out
+    # the encore: a second user's same question is an exact hit, the reworded one semantic
+    encore = out[out.index("response cache"):]
+    assert "exact" in encore and "semantic" in encore
 
 
 @pytest.mark.model
