@@ -242,6 +242,10 @@ class Pipeline:
         session: str | None = None,
         **params: Any,
     ) -> Reply:
+        """One call. `params`: the generation parameters (`max_tokens`, `temperature`,
+        `stop`, `seed`, `tool_choice`, `response_format`...) plus `user=` (per-user cache
+        scope), `variables=` (template values) and `cache=` ("use", "skip": no lookup and
+        no store, "refresh": answer anew and store)."""
         call, new = self.prepare(messages, tools, session, **params)
         return self._run(call, new)
 

@@ -26,11 +26,13 @@ missing, damaged or too far behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -124,8 +126,10 @@ class _BucketIndex:
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         files: dict[str, str] = {}
-        for n, (bucket, index) in enumerate(list(self.buckets.items())):
-            name = f"b{n}-{self.seq}.npz"
+        # unique names: another process may be saving into the same folder right now
+        token = f"{self.seq}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        for bucket, index in list(self.buckets.items()):
+            name = f"b-{hashlib.sha256(bucket.encode()).hexdigest()[:16]}-{token}.npz"
             index.save(folder / name)
             files[bucket] = name
         manifest = {"format": "contextwise.cache_index", "version": 1, "dim": self.dim,
@@ -271,7 +275,8 @@ class ResponseCache:
                 if score < threshold:  # per-entry thresholds only ever sit higher
                     break
                 entry = self.entries.get(entry_id)
-                if entry is None or self._expired(entry, now):
+                # the bucket check guards against an index file another process replaced
+                if entry is None or entry.bucket != bucket or self._expired(entry, now):
                     continue
                 needed = max(threshold, entry.threshold or 0.0)
                 if score < needed:

@@ -346,3 +346,14 @@ async def test_cached_stream_and_async_match_the_model(tmp_path: Path) -> None:
     again = await pipe.achat(msgs, max_tokens=16)
     assert again.text == first.text and again.usage.completion_tokens == 0
     assert pipe.cache.stats()["exact_hits"] == 2
+
+
+@pytest.mark.model
+def test_a_hit_never_loads_the_model(tmp_path: Path) -> None:
+    pipe = Pipeline(Policy(tools=None, storage=Storage(path=str(tmp_path / "h.db"))),
+                    store=Store(tmp_path / "h.db"))
+    msgs = u("What is the capital of France?")
+    pipe.cache.put(msgs, "Paris.", max_tokens=pipe.policy.budget.max_output_tokens)
+    reply = pipe(msgs)
+    assert reply.text == "Paris." and pipe._backend is None  # tokenizer only, no weights
+    assert pipe.ledger.rows()[0]["raw_prompt_tokens"] > 0
