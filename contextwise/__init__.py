@@ -18,6 +18,7 @@ from contextwise.errors import (
 from contextwise.pipeline import Pipeline
 from contextwise.policy import Policy
 from contextwise.types import Call, Message, Params, Reply, Tool, ToolCall, Trace, Usage
+from contextwise.wrapping import wrap
 
 __version__ = "0.1.0"
 
@@ -41,4 +42,5 @@ __all__ = [
     "ToolCall",
     "Trace",
     "Usage",
+    "wrap",
 ]

@@ -313,7 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         else:
             p.add_argument("--all", action="store_true", help="purge every entry")
+
+    p = with_policy(sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/"
+                                                 "completions, /v1/models, /health, /metrics)"))
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: "
+                        "$CONTEXTWISE_API_KEY; the variable keeps the key out of `ps`)")
+    p.add_argument("--max-body-bytes", type=int, default=4_000_000,
+                   help="largest request body accepted (default 4000000)")
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from contextwise.pipeline import Pipeline
+    from contextwise.server import serve
+
+    serve(Pipeline(_policy(args)), host=args.host, port=args.port, api_key=args.api_key,
+          max_body_bytes=args.max_body_bytes)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,6 +38,7 @@ def build_stages(
     backend: Callable[[], Backend] | None = None,
     embedder: Any = None,
     counter: Callable[[], Any] | None = None,
+    model_id: str | None = None,
 ) -> list[Any]:
     """The stages a policy turns on, outermost first:
     templating, quarantine, summarize, prune, tool loadout, budget fit, cache.
@@ -94,7 +95,7 @@ def build_stages(
         stages.append(BudgetStage(policy.budget))
     if policy.cache is not None:
         stages.append(CacheStage(policy.cache, store=store, embedder=embedder,
-                                 model=model_identity(policy)))
+                                 model=model_id or model_identity(policy)))
     return stages
 
 
@@ -124,7 +125,11 @@ class Pipeline:
         backend: Backend | None = None,
         stages: Sequence[Any] | None = None,
         store: Store | None = None,
+        model_id: str | None = None,
     ):
+        """`model_id`: the model identity the response cache keys on; default: the
+        policy's backend (model, quantization, dtype), or the given backend's
+        `model_name`."""
         self.policy = policy or Policy()
         self._backend = backend
         self._backend_lock = threading.Lock()
@@ -133,7 +138,8 @@ class Pipeline:
         self.stages = (
             list(stages) if stages is not None
             else build_stages(self.policy, store=self.store, backend=lambda: self.backend,
-                              counter=self.prompt_counter)
+                              counter=self.prompt_counter,
+                              model_id=model_id or (backend.model_name if backend else None))
         )
         self.conversations = Conversations(self.store)
         self.ledger = Ledger(self.store) if self.policy.storage.ledger else None
@@ -145,6 +151,11 @@ class Pipeline:
             if self._backend is None:
                 self._backend = build_backend(self.policy.backend, self.policy.budget)
             return self._backend
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model backend has been built (a cache hit does not build it)."""
+        return self._backend is not None
 
     def prompt_counter(self) -> Any:
         """The loaded backend, or a tokenizer-only counter while the model is not loaded."""
@@ -230,10 +241,12 @@ class Pipeline:
 
         async def inner(c: Call) -> Reply:
             seen["call"] = c
-            return (await self.backend.agenerate([c]))[0]
+            backend = await asyncio.to_thread(lambda: self.backend)  # may load the model
+            return (await backend.agenerate([c]))[0]
 
         reply = await acompose(self.stages, inner)(call)
-        return self._finish(call, seen.get("call", call), reply, new, t0)
+        # SQLite writes (ledger, session) off the event loop
+        return await asyncio.to_thread(self._finish, call, seen.get("call", call), reply, new, t0)
 
     def __call__(
         self,
@@ -258,7 +271,7 @@ class Pipeline:
         session: str | None = None,
         **params: Any,
     ) -> Reply:
-        call, new = self.prepare(messages, tools, session, **params)
+        call, new = await asyncio.to_thread(self.prepare, messages, tools, session, **params)
         return await self._arun(call, new)
 
     # -- streaming: the backend calls call.on_delta; a worker thread runs the onion
@@ -302,7 +315,7 @@ class Pipeline:
         **params: Any,
     ) -> AsyncIterator[str | Reply]:
         """Async twin of `stream`."""
-        call, new = self.prepare(messages, tools, session, **params)
+        call, new = await asyncio.to_thread(self.prepare, messages, tools, session, **params)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()

@@ -38,7 +38,8 @@ class Stage:
         return self.on_reply(call, next(call))
 
     async def acall(self, call: Call, anext: ANext) -> Reply:
-        call = self.apply(call)
+        # request-side work (embedding, counting, SQLite) stays off the event loop
+        call = await asyncio.to_thread(self.apply, call)
         return self.on_reply(call, await anext(call))
 
 
