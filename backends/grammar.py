@@ -42,7 +42,9 @@ class Grammars:
     def _compile_uncached(self, schema_text: str | None) -> Any:
         compiler = self._compiler_once()
         if schema_text is None:
-            return compiler.compile_builtin_json_grammar()
+            # json_object means an object (as OpenAI guarantees), not any JSON value:
+            # the built-in JSON grammar lets a small model answer `[1]`
+            schema_text = json.dumps({"type": "object"})
         return compiler.compile_json_schema(schema_text, any_whitespace=False)
 
     def processor(self, schema: dict[str, Any] | None) -> Any:

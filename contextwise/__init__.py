@@ -44,3 +44,12 @@ __all__ = [
     "Usage",
     "wrap",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # LangChain is an optional extra (`contextwise[langchain]`): import it only on use.
+    if name == "ChatContextwise":
+        from contextwise.chat_model import ChatContextwise
+
+        return ChatContextwise
+    raise AttributeError(f"module 'contextwise' has no attribute {name!r}")

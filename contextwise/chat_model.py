@@ -13,11 +13,14 @@ budget fit, response cache) in front of the local backend, exactly as a
 from `policy` (or passed in as `pipeline=`), so constructing a model is cheap
 and loads nothing.
 
-LangChain messages become contextwise messages (text content only: a content
-block the model cannot read raises `InputError` naming the message and block);
-a `Reply` becomes an `AIMessage` with `tool_calls` (ids kept), the calls that
-did not parse or validate in `invalid_tool_calls`, `usage_metadata` and
-`response_metadata` (`model_name`, `finish_reason`, `model_provider`, `cache`).
+LangChain messages, tools and replies convert in
+`contextwise.middleware.langchain_convert`, the converter the agent middleware
+uses too: messages are text only (a content block the model cannot read raises
+`InputError` naming the message and block), a provider's built-in tool is
+refused; a `Reply` becomes an `AIMessage` with `tool_calls` (ids kept), the
+calls that did not parse or validate in `invalid_tool_calls` (when streaming:
+in the last chunk's `response_metadata["invalid_tool_calls"]`), `usage_metadata`
+and `response_metadata` (`model_name`, `finish_reason`, `model_provider`, `cache`).
 
 Needs the optional extra: `pip install "contextwise[langchain]"`.
 """
@@ -26,29 +29,18 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import closing
 from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 try:
     from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
     from langchain_core.exceptions import OutputParserException
     from langchain_core.language_models import BaseChatModel, LanguageModelInput
     from langchain_core.language_models.model_profile import ModelProfile
-    from langchain_core.messages import (
-        AIMessage,
-        AIMessageChunk,
-        BaseMessage,
-        ChatMessage,
-        HumanMessage,
-        SystemMessage,
-        ToolMessage,
-    )
-    from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+    from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
     from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
     from langchain_core.output_parsers.openai_tools import (
         JsonOutputKeyToolsParser,
@@ -56,8 +48,16 @@ try:
     )
     from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, Generation
     from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
-    from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+    from langchain_core.utils.function_calling import convert_to_json_schema
     from langchain_core.utils.pydantic import is_basemodel_subclass
+
+    from contextwise.middleware.langchain_convert import (
+        from_langchain_messages,
+        from_langchain_tools,
+        reply_to_ai_chunk,
+        reply_to_ai_message,
+        tool_choice_from_langchain,
+    )
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         "ChatContextwise needs LangChain: pip install 'contextwise[langchain]'"
@@ -67,186 +67,22 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, model_validator
 from contextwise.errors import InputError
 from contextwise.pipeline import Pipeline
 from contextwise.policy import Local, Policy
-from contextwise.types import Params, Reply, Tool
+from contextwise.types import Message, Params, Reply, Tool
 
 __all__ = ["ChatContextwise", "messages_to_openai", "reply_to_ai_message"]
 
 # Call parameters a per-call kwarg (or a `bind`) may set, besides the tools.
 _CALL_PARAMS = ("max_tokens", "temperature", "top_p", "seed", "tool_choice", "response_format")
 _CALL_EXTRAS = ("session", "user", "variables", "response_cache")
-# Content blocks of an assistant message that are not text for the model to re-read:
-# tool calls (carried by `tool_calls`) and the model's own reasoning.
-_AI_SKIP_BLOCKS = frozenset({
-    "tool_use", "tool_call", "tool_call_chunk", "invalid_tool_call", "server_tool_call",
-    "server_tool_call_chunk", "server_tool_result", "reasoning", "thinking", "redacted_thinking",
-})
-_ROLE_NAMES = {"human": "user", "user": "user", "ai": "assistant", "assistant": "assistant",
-               "system": "system", "developer": "system", "tool": "tool"}
 
 
-# --------------------------------------------------------------------------- messages in
-
-
-def _text(content: Any, where: str, *, assistant: bool = False) -> str:
-    """LangChain content (a str or a list of blocks) as plain text."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InputError(where, f"content must be a string or a list of blocks, "
-                                f"got {type(content).__name__}")
-    parts: list[str] = []
-    for j, block in enumerate(content):
-        if isinstance(block, str):
-            parts.append(block)
-            continue
-        kind = block.get("type") if isinstance(block, Mapping) else None
-        if kind == "text" and isinstance(block.get("text"), str):
-            parts.append(block["text"])
-        elif assistant and kind in _AI_SKIP_BLOCKS:
-            continue
-        else:
-            shown = kind if kind is not None else type(block).__name__
-            raise InputError(
-                f"{where}[{j}]",
-                f"{shown!r} content is not supported: the model reads text only "
-                "(pass text blocks or a string)",
-            )
-    return "".join(parts)
-
-
-def _tool_call_to_openai(tc: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "id": tc.get("id") or "call_" + uuid.uuid4().hex[:12],
-        "type": "function",
-        "function": {"name": tc["name"], "arguments": json.dumps(tc.get("args") or {})},
-    }
+# --------------------------------------------------------------------------- conversion
 
 
 def messages_to_openai(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """LangChain messages as OpenAI chat dicts (what `Pipeline` takes).
-
-    System, human, AI (with `tool_calls`) and tool messages (with `tool_call_id`)
-    convert; content blocks must be text (an assistant's tool-call and reasoning
-    blocks are skipped: the tool calls travel in `tool_calls`). Anything else
-    raises `InputError` naming the message, e.g. ``messages[1].content[0]``.
-    """
-    out: list[dict[str, Any]] = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}].content"
-        if isinstance(m, AIMessage):
-            d: dict[str, Any] = {"role": "assistant",
-                                 "content": _text(m.content, where, assistant=True)}
-            if m.tool_calls:
-                d["tool_calls"] = [_tool_call_to_openai(tc) for tc in m.tool_calls]
-                # A tool-call turn has no text: None, as the pipeline stores it, so a
-                # resent conversation matches the session's history.
-                d["content"] = d["content"] or None
-        elif isinstance(m, HumanMessage):
-            d = {"role": "user", "content": _text(m.content, where)}
-        elif isinstance(m, SystemMessage):
-            d = {"role": "system", "content": _text(m.content, where)}
-        elif isinstance(m, ToolMessage):
-            d = {"role": "tool", "tool_call_id": m.tool_call_id, "content": _text(m.content, where)}
-        elif isinstance(m, ChatMessage):
-            role = _ROLE_NAMES.get(m.role)
-            if role is None or role == "tool":
-                raise InputError(f"messages[{i}].role",
-                                 f"unknown chat message role {m.role!r} "
-                                 "(expected system, user or assistant)")
-            d = {"role": role, "content": _text(m.content, where, assistant=role == "assistant")}
-        else:
-            raise InputError(
-                f"messages[{i}]",
-                f"{type(m).__name__} is not supported (use SystemMessage, HumanMessage, "
-                "AIMessage or ToolMessage)",
-            )
-        if m.name and d["role"] != "tool":
-            d["name"] = m.name
-        out.append(d)
-    return out
-
-
-# --------------------------------------------------------------------------- replies out
-
-
-def _usage(reply: Reply) -> dict[str, Any]:
-    u = reply.usage
-    usage: dict[str, Any] = {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens,
-                             "total_tokens": u.total_tokens}
-    cached = sum(int(r.get("prefix_cached_tokens") or 0) for r in reply.trace.of("backend"))
-    if cached:  # prompt tokens whose keys/values came from the prefix KV cache
-        usage["input_token_details"] = {"cache_read": cached}
-    return usage
-
-
-def _metadata(reply: Reply) -> dict[str, Any]:
-    hits = [r["hit"] for r in reply.trace.of("cache") if r.get("hit")]
-    return {
-        "model_name": reply.model,
-        "finish_reason": reply.finish_reason,
-        "model_provider": "contextwise",
-        "cache": hits[-1] if hits else None,  # "exact" / "semantic": the response cache answered
-    }
-
-
-def _invalid_calls(reply: Reply) -> list[dict[str, Any]]:
-    return [
-        invalid_tool_call(name=inv.name, args=inv.raw, id="call_" + uuid.uuid4().hex[:12],
-                          error=inv.error)
-        for inv in reply.invalid_tool_calls
-    ]
-
-
-def reply_to_ai_message(reply: Reply) -> AIMessage:
-    """A contextwise `Reply` as an `AIMessage` (tool calls, invalid calls, usage, metadata)."""
-    return AIMessage(
-        content=reply.text,
-        tool_calls=[tool_call(name=c.name, args=dict(c.arguments), id=c.id)
-                    for c in reply.tool_calls],
-        invalid_tool_calls=_invalid_calls(reply),
-        usage_metadata=_usage(reply),  # type: ignore[arg-type]
-        response_metadata=_metadata(reply),
-    )
-
-
-def _chunk_args(raw: str) -> str:
-    """The arguments text of an invalid call, for a tool-call chunk.
-
-    The raw text is the whole `{"name": ..., "arguments": ...}` object; a chunk
-    holds the arguments alone (LangChain re-parses chunks when it merges them).
-    """
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        return raw
-    if isinstance(obj, dict) and "arguments" in obj:
-        args = obj["arguments"]
-        return args if isinstance(args, str) else json.dumps(args)
-    return raw
-
-
-def _last_chunk(reply: Reply, sent: str) -> ChatGenerationChunk:
-    """The final stream chunk: what the deltas did not carry, tool calls, usage, metadata."""
-    rest = reply.text[len(sent):] if reply.text.startswith(sent) else ""
-    chunks = [tool_call_chunk(name=c.name, args=json.dumps(c.arguments), id=c.id, index=i)
-              for i, c in enumerate(reply.tool_calls)]
-    offset = len(chunks)
-    # Streaming has no separate slot for invalid calls: LangChain rebuilds tool calls
-    # from the chunks on merge, so arguments that are JSON but fail the schema show
-    # up as a tool call there; invoke() keeps them in `invalid_tool_calls`.
-    chunks += [tool_call_chunk(name=inv.name, args=_chunk_args(inv.raw),
-                               id="call_" + uuid.uuid4().hex[:12], index=offset + j)
-               for j, inv in enumerate(reply.invalid_tool_calls)]
-    message = AIMessageChunk(
-        content=rest,
-        tool_call_chunks=chunks,
-        usage_metadata=_usage(reply),  # type: ignore[arg-type]
-        response_metadata=_metadata(reply),
-        chunk_position="last",
-    )
-    return ChatGenerationChunk(message=message)
+    """LangChain messages as OpenAI chat dicts, as `ChatContextwise` reads them (text
+    only; errors name the message and block, e.g. ``messages[1].content[0]``)."""
+    return [m.to_openai() for m in from_langchain_messages(messages)]
 
 
 def _result(reply: Reply) -> ChatResult:
@@ -258,47 +94,9 @@ def _result(reply: Reply) -> ChatResult:
     )
 
 
-# --------------------------------------------------------------------------- tools
-
-
-def _openai_tool(tool: Any, i: int) -> dict[str, Any]:
-    """A LangChain tool (BaseTool, function, pydantic class, TypedDict, dict) as an
-    OpenAI tool dict, checked by contextwise's own `Tool` (errors name the index)."""
-    try:
-        spec = convert_to_openai_tool(tool)
-    except Exception as e:  # LangChain raises ValueError/TypeError/others here
-        raise InputError(f"tools[{i}]", f"cannot convert {type(tool).__name__} to a tool: {e}"
-                         ) from None
-    try:
-        Tool.coerce(spec)
-    except Exception as e:
-        raise InputError(f"tools[{i}]", str(e).splitlines()[0]) from None
-    return spec
-
-
-def _tool_choice(choice: Any, names: Sequence[str]) -> str | None:
-    """LangChain's tool_choice as contextwise's: auto, none, required or a tool name."""
-    if choice is None:
-        return None
-    if choice is True or choice == "any":
-        return "required"
-    if choice is False:
-        return "none"
-    if isinstance(choice, Mapping):
-        fn = choice.get("function")
-        name = fn.get("name") if isinstance(fn, Mapping) else choice.get("name")
-        if not isinstance(name, str):
-            raise InputError("tool_choice", "a dict tool_choice must name a function "
-                                            "({'type': 'function', 'function': {'name': ...}})")
-        choice = name
-    if not isinstance(choice, str):
-        raise InputError("tool_choice", f"must be a string or a dict, got {type(choice).__name__}")
-    if choice in ("auto", "none", "required"):
-        return choice
-    if choice not in names:
-        raise InputError("tool_choice", f"names tool {choice!r}, which is not among the bound "
-                                        f"tools ({', '.join(names) or 'none'})")
-    return choice
+def _tools(tools: Sequence[Any]) -> list[Tool]:
+    """LangChain tools as contextwise Tools (a provider's built-in tool is refused)."""
+    return [t for t in from_langchain_tools(tools, builtin="error") if t is not None]
 
 
 # --------------------------------------------------------------------------- structured output
@@ -312,7 +110,7 @@ def _schema_json(schema: Any) -> tuple[str, dict[str, Any]]:
         return "response", dict(schema)  # a bare JSON schema without a title
     try:
         js = convert_to_json_schema(schema)
-    except Exception as e:
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise InputError("schema", f"cannot make a JSON schema from {type(schema).__name__}: {e}"
                          ) from None
     return str(js.get("title") or "response"), js
@@ -458,8 +256,7 @@ class ChatContextwise(BaseChatModel):
                                  "already has a policy")
             self.policy = self.pipeline.policy
         if self.policy is None:
-            self.policy = (Policy(backend=Local(model=self.model_name))
-                           if self.model_name else Policy())
+            self.policy = _default_policy(self.model_name)
         served = self.policy.backend.model
         if self.model_name is None:
             self.model_name = served
@@ -512,8 +309,7 @@ class ChatContextwise(BaseChatModel):
 
     def _resolve_model_profile(self) -> ModelProfile | None:
         policy = (self.pipeline.policy if self.pipeline is not None
-                  else self.policy or (Policy(backend=Local(model=self.model_name))
-                                       if self.model_name else Policy()))
+                  else self.policy or _default_policy(self.model_name))
         profile: dict[str, Any] = {
             "text_inputs": True, "image_inputs": False, "image_url_inputs": False,
             "pdf_inputs": False, "audio_inputs": False, "video_inputs": False,
@@ -558,21 +354,20 @@ class ChatContextwise(BaseChatModel):
 
     def _prepare(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[Pipeline, list[dict[str, Any]], list[dict[str, Any]] | None, dict[str, Any]]:
+    ) -> tuple[Pipeline, list[Message], list[Tool] | None, dict[str, Any]]:
         """(pipeline, messages, tools, keyword arguments) of one pipeline call."""
         kwargs = dict(kwargs)
         kwargs.pop("stream", None)  # LangChain's own switch, already acted on
         model = kwargs.pop("model", None)
         if model is not None and model != self.model_name:
-            raise InputError("model", f"this ChatContextwise serves {self.model_name!r}; "
-                                      f"build ChatContextwise(model={model!r}) to use another model")
+            raise InputError("model", f"this ChatContextwise serves {self.model_name!r}; build "
+                                      f"ChatContextwise(model={model!r}) to use another model")
         raw_tools = kwargs.pop("tools", None)
-        tools = ([_openai_tool(t, i) for i, t in enumerate(raw_tools)]
-                 if raw_tools else None)
+        tools = _tools(raw_tools) if raw_tools else None
         unknown = sorted(set(kwargs) - set(_CALL_PARAMS) - set(_CALL_EXTRAS))
         if unknown:
-            raise InputError(unknown[0], "unknown parameter (known: "
-                                         f"{', '.join((*_CALL_PARAMS, 'stop', 'tools', *_CALL_EXTRAS))})")
+            known = ", ".join((*_CALL_PARAMS, "stop", "tools", *_CALL_EXTRAS))
+            raise InputError(unknown[0], f"unknown parameter (known: {known})")
         params: dict[str, Any] = {"temperature": self.temperature}
         for name in ("max_tokens", "top_p", "seed"):
             if getattr(self, name) is not None:
@@ -584,8 +379,8 @@ class ChatContextwise(BaseChatModel):
             if name in kwargs and kwargs[name] is not None:
                 params[name] = kwargs[name]
         if "tool_choice" in params:
-            names = [t["function"]["name"] for t in tools or []]
-            choice = _tool_choice(params.pop("tool_choice"), names)
+            names = [t.name for t in tools or []]
+            choice = tool_choice_from_langchain(params.pop("tool_choice"), names)
             if choice is not None:
                 params["tool_choice"] = choice
         session = kwargs.get("session", self.session)
@@ -594,7 +389,7 @@ class ChatContextwise(BaseChatModel):
         if kwargs.get("variables") is not None:
             params["variables"] = kwargs["variables"]
         params["session"] = session
-        return self._get_pipeline(), messages_to_openai(messages), tools, params
+        return self._get_pipeline(), from_langchain_messages(messages), tools, params
 
     # -- generation
 
@@ -633,14 +428,17 @@ class ChatContextwise(BaseChatModel):
         usage and finish reason. Closing the stream early stops generation."""
         pipeline, msgs, tools, params = self._prepare(messages, stop, kwargs)
         sent = ""
-        with closing(pipeline.stream(msgs, tools, **params)) as items:
+        items = pipeline.stream(msgs, tools, **params)
+        try:
             for item in items:
                 if isinstance(item, Reply):
                     self._after_call(pipeline)
-                    yield _last_chunk(item, sent)
+                    yield ChatGenerationChunk(message=reply_to_ai_chunk(item, sent))
                     return
                 sent += item
                 yield ChatGenerationChunk(message=AIMessageChunk(content=item))
+        finally:
+            items.close()  # type: ignore[attr-defined]  # a generator: stops generation
 
     async def _astream(
         self,
@@ -656,12 +454,12 @@ class ChatContextwise(BaseChatModel):
             async for item in items:
                 if isinstance(item, Reply):
                     self._after_call(pipeline)
-                    yield _last_chunk(item, sent)
+                    yield ChatGenerationChunk(message=reply_to_ai_chunk(item, sent))
                     return
                 sent += item
                 yield ChatGenerationChunk(message=AIMessageChunk(content=item))
         finally:
-            await items.aclose()
+            await items.aclose()  # type: ignore[attr-defined]  # an async generator
 
     def _combine_llm_outputs(self, llm_outputs: list[dict[str, Any] | None]) -> dict[str, Any]:
         total = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -687,8 +485,9 @@ class ChatContextwise(BaseChatModel):
         call is decoded under a grammar of the tools' schemas, so it always parses.
         `strict` and `parallel_tool_calls` are accepted for compatibility: calls are
         always checked against the schema, and a forced reply is one call."""
-        specs = [_openai_tool(t, i) for i, t in enumerate(tools)]
-        choice = _tool_choice(tool_choice, [s["function"]["name"] for s in specs])
+        converted = _tools(tools)
+        choice = tool_choice_from_langchain(tool_choice, [t.name for t in converted])
+        specs = [t.to_openai() for t in converted]
         if choice is not None:
             kwargs["tool_choice"] = choice
         return super().bind(tools=specs, **kwargs)
@@ -720,14 +519,18 @@ class ChatContextwise(BaseChatModel):
         if method == "function_calling":
             if schema is None:
                 raise InputError("schema", "method='function_calling' needs a schema")
-            name = convert_to_openai_tool(schema)["function"]["name"]
+            try:
+                name = _tools([schema])[0].name
+            except InputError as e:
+                raise InputError("schema", e.problem) from None
             llm = self.bind_tools(
                 [schema], tool_choice=name,
                 ls_structured_output_format={"kwargs": format_kwargs, "schema": schema},
                 **kwargs,
             )
             parser: Runnable[Any, Any] = (
-                _PydanticToolsParser(tools=[schema], first_tool_only=True) if is_model
+                _PydanticToolsParser(tools=[cast("type[Any]", schema)], first_tool_only=True)
+                if is_model
                 else _KeyToolsParser(key_name=name, first_tool_only=True)
             )
         elif method in ("json_schema", "json_mode"):
@@ -738,8 +541,8 @@ class ChatContextwise(BaseChatModel):
                 response_format = {"type": "json_schema",
                                    "json_schema": {"name": name, "schema": js}}
                 try:
-                    Params(response_format=response_format)
-                except Exception as e:
+                    Params.model_validate({"response_format": response_format})
+                except ValueError as e:
                     raise InputError("schema", str(e).splitlines()[-1]) from None
             else:
                 response_format = {"type": "json_object"}
@@ -747,7 +550,8 @@ class ChatContextwise(BaseChatModel):
             if schema is not None:
                 bind["ls_structured_output_format"] = {"kwargs": format_kwargs, "schema": schema}
             llm = self.bind(**bind)
-            parser = _PydanticParser(pydantic_object=schema) if is_model else _JsonParser()
+            parser = (_PydanticParser(pydantic_object=cast("type[Any]", schema)) if is_model
+                      else _JsonParser())
         else:
             raise InputError("method", f"unknown method {method!r} "
                                        "(json_schema, function_calling or json_mode)")
@@ -758,6 +562,11 @@ class ChatContextwise(BaseChatModel):
         fallback = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parse.with_fallbacks([fallback],
                                                            exception_key="parsing_error")
+
+
+def _default_policy(model: str | None) -> Policy:
+    """The default policy, serving `model` when one is named."""
+    return Policy(backend=Local.model_validate({"model": model})) if model else Policy()
 
 
 def _policy_digest(policy: Policy) -> str:

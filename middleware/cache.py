@@ -468,8 +468,13 @@ class ResponseCache:
         self.entries.touch(entry.id, now)
         self.counts[f"{kind}_hits"] += 1
         body = json.loads(entry.reply)
+        message = Message.model_validate(body["message"])
+        if message.tool_calls:  # a fresh id per served call: ids must not repeat across chats
+            message = message.model_copy(update={"tool_calls": [
+                tc.model_copy(update={"id": "call_" + uuid.uuid4().hex[:24]})
+                for tc in message.tool_calls]})
         reply = Reply(
-            message=Message.model_validate(body["message"]), model=body.get("model", ""),
+            message=message, model=body.get("model", ""),
             finish_reason=body.get("finish_reason", "stop"), usage=Usage(), trace=call.trace,
         )
         from contextwise.tokens import count_messages

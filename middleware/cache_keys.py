@@ -70,16 +70,21 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _message_key(m: Message) -> list[object]:
+def _message_key(m: Message, call_ids: dict[str, int]) -> list[object]:
     calls = [[c.name, c.arguments] for c in m.tool_calls or []]
-    return [m.role, _SPACE.sub(" ", m.content or "").strip(), calls, m.name or "",
-            m.tool_call_id or ""]
+    # tool-call ids are random per model call: key a result by its call's position
+    result_of = call_ids.get(m.tool_call_id or "", m.tool_call_id or "")
+    return [m.role, _SPACE.sub(" ", m.content or "").strip(), calls, m.name or "", result_of]
 
 
 def fingerprint(call: Call, *, model: str, namespace: str = "global") -> str:
     """Digest of the call's context without its latest user turn (see module doc)."""
     q = latest_user_index(call.messages)
-    history = [_message_key(m) for i, m in enumerate(call.messages) if i != q]
+    call_ids: dict[str, int] = {}
+    for m in call.messages:
+        for c in m.tool_calls or []:
+            call_ids.setdefault(c.id, len(call_ids))
+    history = [_message_key(m, call_ids) for i, m in enumerate(call.messages) if i != q]
     after = 0 if q is None else len(call.messages) - 1 - q  # tool results after the query
     params = call.params.model_dump(include=set(OUTPUT_PARAMS))
     # Tool loadout picks tools per query, so two wordings of one question may see

@@ -24,6 +24,14 @@ back to LangChain with `request.override(...)`:
   and the model is never called; otherwise the model's own `ModelResponse` is
   returned untouched.
 
+Content the stages cannot read (images, audio, files: a multimodal agent model
+reads them) is not refused: the stages see a message's text, and a message they
+leave alone goes to the model as the original object, blocks and all. A message
+a stage rewrites (cut, withheld, omitted) keeps the new text only, recorded in
+the trace (`trace.of("langchain")`, `non_text_dropped`), so a withheld result
+never reaches the model through its image. A call with such content is never
+cached (the cache key sees text only). Details: `langchain_convert`.
+
 A stage never orphans a tool result (stages drop whole tool-call units); the
 adapter checks it after every conversion and raises `StageError` if one did.
 
@@ -48,13 +56,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import hashlib
 import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from contextwise.memory.store import Store
 from contextwise.middleware.base import Stage, acompose, compose
@@ -65,10 +74,12 @@ from contextwise.middleware.langchain_convert import (
     from_langchain_messages,
     from_langchain_tools,
     message_text,
+    non_text_blocks,
     orphan_tool_results,
     reply_from_ai_message,
     reply_to_ai_message,
     to_langchain_message,
+    tool_choice_from_langchain,
 )
 from contextwise.middleware.prune import PruneStage
 from contextwise.middleware.quarantine import QuarantineStage
@@ -167,27 +178,6 @@ _PARAM_SOURCES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _tool_choice(choice: Any) -> str:
-    """LangChain's tool_choice in OpenAI's words: auto, none, required or a tool name."""
-    if choice is None or choice == "auto":
-        return "auto"
-    if choice is True or choice in ("any", "required"):
-        return "required"
-    if choice is False or choice == "none":
-        return "none"
-    if isinstance(choice, str):
-        return choice
-    if isinstance(choice, Mapping):
-        fn = choice.get("function")
-        if isinstance(fn, Mapping) and isinstance(fn.get("name"), str):
-            return fn["name"]
-        if isinstance(choice.get("name"), str):  # {"type": "tool", "name": ...}
-            return choice["name"]
-        if choice.get("type") in ("any", "required"):
-            return "required"
-    return "auto"
-
-
 def _params(request: ModelRequest) -> Params:
     settings = request.model_settings or {}
     values: dict[str, Any] = {}
@@ -210,7 +200,8 @@ def _params(request: ModelRequest) -> Params:
                 break
             if found:
                 break
-    values["tool_choice"] = _tool_choice(request.tool_choice)
+    # a provider's own form the stages cannot read counts as "auto"; the model gets it as is
+    values["tool_choice"] = tool_choice_from_langchain(request.tool_choice, strict=False) or "auto"
     return Params.model_validate(values)
 
 
@@ -244,9 +235,11 @@ class _Run:
         self.request = request
         self.system = request.system_message
         lc = ([self.system] if self.system is not None else []) + list(request.messages)
-        converted = from_langchain_messages(lc)
-        self.origin: dict[int, BaseMessage] = {id(m): o for m, o in zip(converted, lc,
-                                                                         strict=True)}
+        # the stages read text; blocks they cannot see stay in the original messages
+        converted = from_langchain_messages(lc, non_text="skip")
+        self.non_text = any(non_text_blocks(o) for o in lc)
+        self.lc, self.converted = lc, converted
+        self.index = {id(m): k for k, m in enumerate(converted)}  # unchanged -> its original
         self.system_conv = converted[0] if self.system is not None else None
         self.by_tool_result = {o.tool_call_id: o for o in lc if isinstance(o, ToolMessage)}
         self.by_calls = {tc.get("id"): o for o in lc if isinstance(o, AIMessage)
@@ -270,7 +263,8 @@ class _Run:
             session=mw._session(request, converted),
             user=mw._user(request),
             variables=dict(variables or {}),
-            cache="skip" if request.response_format is not None else "use",
+            # never cached: structured output, or content the cache key cannot see
+            cache="skip" if request.response_format is not None or self.non_text else "use",
         )
         self.ids_in = [id(m) for m in converted]
         self.names_in = names
@@ -286,7 +280,7 @@ class _Run:
         self.seen = call
         overrides: dict[str, Any] = {}
         if [id(m) for m in call.messages] != self.ids_in:
-            system, messages = self._messages(call.messages)
+            system, messages = self._messages(call)
             orphans = set(orphan_tool_results(messages)) - self.orphans_before
             if orphans:
                 raise StageError(f"{self.stage_names} left tool result(s) without the "
@@ -306,8 +300,8 @@ class _Run:
                                            "max_tokens": call.params.max_tokens}
         return self.request.override(**overrides) if overrides else self.request
 
-    def _messages(self, out: list[Message]) -> tuple[SystemMessage | None,
-                                                     list[BaseMessage]]:
+    def _messages(self, call: Call) -> tuple[SystemMessage | None, list[BaseMessage]]:
+        out = call.messages
         head = split_head(out)
         system: SystemMessage | None
         if head == 0:
@@ -322,21 +316,58 @@ class _Run:
                 *self.system.content, {"type": "text", "text": "\n\n" + extra}]})
         else:
             text = "\n\n".join(m.content for m in out[:head] if m.content)
-            if self.system is not None and isinstance(self.system.content, str):
-                system = self.system.model_copy(update={"content": text})
+            if self.system is not None:  # a copy: its id and any non-text blocks stay
+                system = cast("SystemMessage", to_langchain_message(
+                    Message(role="system", content=text), self.system))
             else:
                 system = SystemMessage(content=text)
-        return system, [self._back(m) for m in out[head:]]
+        body = out[head:]
+        messages: list[BaseMessage] = []
+        dropped = []
+        for k, (m, original) in enumerate(zip(body, self._originals(body), strict=True)):
+            back = (original if original is not None and id(m) in self.index
+                    else to_langchain_message(m, original))
+            if original is not None and back is not original and (
+                    kinds := non_text_blocks(original)):
+                # a stage rewrote what it could read; what it could not read goes with it
+                dropped.append({"index": k, "blocks": kinds})
+            messages.append(back)
+        if dropped:
+            call.trace.add("langchain", non_text_dropped=dropped)
+        return system, messages
 
-    def _back(self, m: Message) -> BaseMessage:
-        original = self.origin.get(id(m))
-        if original is not None:
-            return original
-        if m.role == "tool":
-            original = self.by_tool_result.get(m.tool_call_id or "")
-        elif m.role == "assistant" and m.tool_calls:
-            original = self.by_calls.get(m.tool_calls[0].id)
-        return to_langchain_message(m, original)
+    def _originals(self, body: list[Message]) -> list[BaseMessage | None]:
+        """The LangChain message each outgoing message was made from (None: a new one).
+
+        Unchanged messages are their originals; a changed tool result is found by its
+        tool_call_id, a changed tool-call turn by its calls' ids; any other changed
+        message by position: the one message of its role between the unchanged
+        neighbours (stages rewrite in place; they do not reorder)."""
+        at = [self.index.get(id(m)) for m in body]
+        lo, hi = [-1] * len(body), [len(self.lc)] * len(body)
+        for j in range(1, len(body)):
+            prev = at[j - 1]
+            lo[j] = prev if prev is not None else lo[j - 1]
+        for j in range(len(body) - 2, -1, -1):
+            nxt = at[j + 1]
+            hi[j] = nxt if nxt is not None else hi[j + 1]
+        taken = {k for k in at if k is not None}
+        found: list[BaseMessage | None] = []
+        for j, m in enumerate(body):
+            k = at[j]
+            if k is not None:
+                found.append(self.lc[k])
+            elif m.role == "tool":
+                found.append(self.by_tool_result.get(m.tool_call_id or ""))
+            elif m.role == "assistant" and m.tool_calls:
+                found.append(self.by_calls.get(m.tool_calls[0].id))
+            else:
+                same = [i for i in range(lo[j] + 1, hi[j])
+                        if i not in taken and self.converted[i].role == m.role]
+                if len(same) == 1:
+                    taken.add(same[0])
+                found.append(self.lc[same[0]] if len(same) == 1 else None)
+        return found
 
     # -- the way out (from the model)
 
@@ -724,7 +755,7 @@ class ContextwiseMiddleware(_AdapterMiddleware):
         self.store = store or Store(policy.storage.path)
         if embedder is None:
             model, device = policy.embedding.model, policy.embedding.device
-            embedder = lambda: get_embedder(model, device)
+            embedder = functools.partial(get_embedder, model, device)
         # the pipeline's stages and order; budget fit and the cache are the agent's own
         # (the model's window, the chat model's identity in cache keys)
         built = build_stages(policy.model_copy(update={"cache": None}), store=self.store,

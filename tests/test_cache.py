@@ -90,6 +90,7 @@ def test_reply_kinds_round_trip(cache: ResponseCache) -> None:
     assert cache.put(u("Weather in Lisbon?"), reply, tools=[tool]) is not None
     got = cache.get(u("weather in lisbon"), tools=[tool])
     assert got.tool_calls[0].arguments == {"city": "Lisbon"} and got.finish_reason == "tool_calls"
+    assert got.tool_calls[0].id != call.id  # every served call gets a fresh id
     cache.put(u("Say hi"), {"content": "hi"})
     assert cache.get(u("Say hi")).text == "hi"
     with pytest.raises(InputError, match="reply"):

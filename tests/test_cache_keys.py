@@ -93,3 +93,16 @@ def test_fingerprint_keys_the_catalogue_when_loadout_narrowed_it() -> None:
     for c in (a, b):
         c.trace.add("tools", catalogue="abc123", kept=[t.name for t in c.tools])
     assert fingerprint(a, model="m") == fingerprint(b, model="m")
+
+
+def test_fingerprint_ignores_random_tool_call_ids() -> None:
+    def convo(call_id: str) -> list[dict]:
+        return [{"role": "user", "content": "weather in Lisbon"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call_id, "type": "function",
+                     "function": {"name": "w", "arguments": "{\"city\": \"Lisbon\"}"}}]},
+                {"role": "tool", "tool_call_id": call_id, "content": "19 C"},
+                {"role": "user", "content": "and tomorrow?"}]
+
+    assert fingerprint(_call(convo("call_a")), model="m") == fingerprint(
+        _call(convo("call_b")), model="m")
