@@ -787,5 +787,10 @@ class ContextwiseMiddleware(_AdapterMiddleware):
 
             if not reply.model:
                 reply.model = model_identity(run.request.model)
-            self.ledger.record(run.call, run.seen or run.call, reply,
-                               approx_prompt_tokens(run.call))
+            # The agent's model tokenizer is unknown: scale the cl100k count of the raw
+            # call by the model's own count of what it saw, so both are in its tokens.
+            raw = approx_prompt_tokens(run.call)
+            seen = approx_prompt_tokens(run.seen or run.call)
+            if reply.usage.prompt_tokens and seen:
+                raw = round(raw * reply.usage.prompt_tokens / seen)
+            self.ledger.record(run.call, run.seen or run.call, reply, raw)
