@@ -126,30 +126,26 @@ def _cut_off(result: Sequence[Generation]) -> str | None:
     return None
 
 
-class _JsonParser(JsonOutputParser):
+class _SaysCutOff:
+    """Parser mixin: when a reply does not parse because it was cut off at max_tokens,
+    the error says so."""
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
+        try:
+            return super().parse_result(result, partial=partial)  # type: ignore[misc]
+        except OutputParserException as e:
+            why = None if partial else _cut_off(result)
+            if why:
+                raise OutputParserException(f"{why} ({e})", llm_output=result[0].text) from e
+            raise
+
+
+class _JsonParser(_SaysCutOff, JsonOutputParser):
     """JsonOutputParser that says when a reply was cut off at max_tokens."""
 
-    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        try:
-            return super().parse_result(result, partial=partial)
-        except OutputParserException as e:
-            why = None if partial else _cut_off(result)
-            if why:
-                raise OutputParserException(f"{why} ({e})", llm_output=result[0].text) from e
-            raise
 
-
-class _PydanticParser(PydanticOutputParser):  # type: ignore[type-arg]
+class _PydanticParser(_SaysCutOff, PydanticOutputParser):  # type: ignore[type-arg]
     """PydanticOutputParser that says when a reply was cut off at max_tokens."""
-
-    def parse_result(self, result: list[Generation], *, partial: bool = False) -> Any:
-        try:
-            return super().parse_result(result, partial=partial)
-        except OutputParserException as e:
-            why = None if partial else _cut_off(result)
-            if why:
-                raise OutputParserException(f"{why} ({e})", llm_output=result[0].text) from e
-            raise
 
 
 def _check_tool_reply(result: Sequence[Generation], partial: bool) -> None:
