@@ -16,10 +16,11 @@ __all__ = ["Backend", "build_backend"]
 
 
 def build_backend(spec: Local, budget: Budget) -> Backend:
-    """The backend a policy asks for."""
+    """The backend a policy asks for: a LocalBackend, behind a BatchingEngine
+    (dynamic batching, bounded queue) unless `spec.max_batch` is 1."""
     from contextwise.backends.local import LocalBackend
 
-    return LocalBackend(
+    backend = LocalBackend(
         model=spec.model,
         device=spec.device,
         dtype=spec.dtype,
@@ -28,4 +29,11 @@ def build_backend(spec: Local, budget: Budget) -> Backend:
         default_max_tokens=budget.max_output_tokens,
         prefix_cache_mb=spec.prefix_cache_mb,
         prefix_cache_min_tokens=spec.prefix_cache_min_tokens,
+        quantization=spec.quantization,
     )
+    if spec.max_batch > 1 and isinstance(backend, Backend):
+        from contextwise.backends.engine import BatchingEngine
+
+        return BatchingEngine(backend, max_batch=spec.max_batch, max_wait_ms=spec.max_wait_ms,
+                              max_queue=spec.max_queue)
+    return backend

@@ -51,6 +51,7 @@ class LoadedModel:
     device: str
     dtype: Any
     source: str  # "converted-cache", "gguf", "dir" or "hub"
+    quantization: str = "none"  # a backends.quantize mode
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -152,20 +153,29 @@ def _convert_gguf(gguf: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-_LOADED: dict[tuple[str, str, str, str | None], LoadedModel] = {}
+_LOADED: dict[tuple[str, str, str, str | None, str], LoadedModel] = {}
 _LOCK = threading.Lock()
 
 
 def load_model(
-    spec: str, device: str = "auto", dtype: str = "auto", cache_dir: str | None = None
+    spec: str, device: str = "auto", dtype: str = "auto", cache_dir: str | None = None,
+    quantization: str = "none",
 ) -> LoadedModel:
-    """Load (once per process) the model `spec` names onto `device`."""
-    key = (spec, device, dtype, cache_dir)
+    """Load (once per process and quantization) the model `spec` names onto `device`.
+
+    `quantization` is a `backends.quantize` mode, applied after loading; a mode
+    the device cannot run fails before any weights are read.
+    """
+    key = (spec, device, dtype, cache_dir, quantization)
     with _LOCK:
         if key in _LOADED:
             return _LOADED[key]
-        kind, location = resolve(spec)
         dev, torch_dtype = pick_device(device, dtype)
+        from contextwise.backends.quantize import check_mode, import_torchao_quietly
+
+        check_mode(quantization, dev, torch_dtype)
+        import_torchao_quietly()  # transformers imports it anyway, noisily
+        kind, location = resolve(spec)
         source = kind
         if kind == "gguf":
             converted = converted_dir(location, cache_dir)
@@ -185,9 +195,13 @@ def load_model(
             hint = " (no network? use a local folder or .gguf)" if kind == "hub" else ""
             raise ModelNotFound(f"cannot load model {spec!r}{hint}: {e}") from None
         model.to(dev).eval()
+        if quantization != "none":
+            from contextwise.backends.quantize import quantize
+
+            quantize(model, quantization, dev)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        loaded = LoadedModel(spec, model, tok, dev, torch_dtype, source)
+        loaded = LoadedModel(spec, model, tok, dev, torch_dtype, source, quantization)
         _LOADED[key] = loaded
         return loaded
 

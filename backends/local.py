@@ -99,13 +99,19 @@ class LocalBackend(Backend):
         max_context_tokens: int | None = None,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         loaded: LoadedModel | None = None,
-        prefix_cache_mb: float = 256,
+        prefix_cache_mb: float | None = None,
         prefix_cache_min_tokens: int = 32,
+        quantization: str = "none",
     ):
         """`prefix_cache_mb`: memory for cached prompt prefixes (KV), 0 turns
-        the prefix cache off; `prefix_cache_min_tokens`: shorter system parts
-        are not cached."""
-        self.loaded = loaded or load_model(model, device=device, dtype=dtype, cache_dir=cache_dir)
+        the prefix cache off, None picks by device: 256 MB on CPU, off on a GPU
+        (on an H100 the 135M model prefilled 1,544 tokens faster than the cache
+        could be copied); `prefix_cache_min_tokens`: shorter system parts
+        are not cached; `quantization`: a `backends.quantize` mode ('none',
+        'int8', 'int8-dynamic', 'int4', 'fp8') applied to the loaded weights."""
+        self.loaded = loaded or load_model(model, device=device, dtype=dtype, cache_dir=cache_dir,
+                                           quantization=quantization)
+        self.quantization = self.loaded.quantization
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.model_name = model
@@ -114,6 +120,8 @@ class LocalBackend(Backend):
         self.default_max_tokens = default_max_tokens
         self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
         self._lock = threading.Lock()  # one generate at a time on this model
+        if prefix_cache_mb is None:
+            prefix_cache_mb = 256 if str(self.model.device).startswith("cpu") else 0
         self.prefix_cache: PrefixCache | None = (
             PrefixCache(int(prefix_cache_mb * 2**20), prefix_cache_min_tokens)
             if prefix_cache_mb > 0 else None
@@ -245,7 +253,16 @@ class LocalBackend(Backend):
                 raise
             except Exception as e:
                 raise BackendError(f"generation failed: {type(e).__name__}: {e}") from e
-        new_ids = out[0, n_prompt:].tolist()
+        return self._reply(call, out[0, n_prompt:].tolist(), n_prompt, t0, forced, streamer,
+                           prefix_cached_tokens=reused, prefix_stored_tokens=stored)
+
+    def _reply(self, call: Call, new_ids: list[int], n_prompt: int, t0: float,
+               forced: list[Tool] | None, streamer: _DeltaStreamer | None,
+               **trace: Any) -> Reply:
+        """The Reply for `new_ids` (the generated tokens): stop strings trimmed, tool
+        calls parsed, the stream finished, a "backend" trace record (plus `trace`).
+        Shared by the single path above and the batching engine."""
+        p = call.params
         ended = bool(new_ids) and new_ids[-1] == self.tokenizer.eos_token_id
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
         finish = "stop" if ended else "length"
@@ -271,7 +288,7 @@ class LocalBackend(Backend):
         call.trace.add(
             "backend", model=self.model_name, prompt_tokens=n_prompt,
             completion_tokens=len(new_ids), constrained=bool(forced or p.response_format),
-            prefix_cached_tokens=reused, prefix_stored_tokens=stored,
+            **trace,
         )
         return Reply(
             message=Message(role="assistant", content=content, tool_calls=calls or None),

@@ -105,6 +105,15 @@ def model_identity(policy: Policy) -> str:
     return f"{b.model}|quantization={b.quantization}|dtype={b.dtype}"
 
 
+def backend_identity(backend: Backend) -> str:
+    """The cache's model identity for a given backend: its `model_name`, plus its
+    weight quantization when it has one (an int8 reply is not an fp32 reply)."""
+    quantization = getattr(backend, "quantization", "none")
+    if quantization in (None, "none"):
+        return backend.model_name
+    return f"{backend.model_name}|quantization={quantization}"
+
+
 def _generate_text(backend: Callable[[], Backend]) -> Callable[[list[Message], int], str]:
     """`generate(messages, max_tokens) -> text` on the serving model, greedy."""
 
@@ -129,7 +138,7 @@ class Pipeline:
     ):
         """`model_id`: the model identity the response cache keys on; default: the
         policy's backend (model, quantization, dtype), or the given backend's
-        `model_name`."""
+        `model_name` (with its quantization, if any)."""
         self.policy = policy or Policy()
         self._backend = backend
         self._backend_lock = threading.Lock()
@@ -139,7 +148,7 @@ class Pipeline:
             list(stages) if stages is not None
             else build_stages(self.policy, store=self.store, backend=lambda: self.backend,
                               counter=self.prompt_counter,
-                              model_id=model_id or (backend.model_name if backend else None))
+                              model_id=model_id or (backend_identity(backend) if backend else None))
         )
         self.conversations = Conversations(self.store)
         self.ledger = Ledger(self.store) if self.policy.storage.ledger else None

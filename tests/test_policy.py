@@ -99,7 +99,7 @@ def test_unknown_keys_rejected(build: Any, field: str) -> None:
         (lambda: Budget(max_output_tokens=0), "max_output_tokens"),
         (lambda: Local(device="gpu"), "device"),
         (lambda: Local(dtype="int4"), "dtype"),
-        (lambda: Local(quantization="int8"), "quantization"),
+        (lambda: Local(quantization="int3"), "quantization"),
         (lambda: Local(kind="remote"), "kind"),
         (lambda: Price(input_per_mtok=-1, output_per_mtok=1), "input_per_mtok"),
         (lambda: Price(input_per_mtok=1), "output_per_mtok"),

@@ -118,7 +118,7 @@ def test_policy_fields_reach_the_backend(monkeypatch):
 
     from contextwise.policy import Budget, Local, Policy
 
-    assert Policy().backend.prefix_cache_mb == 256
+    assert Policy().backend.prefix_cache_mb is None  # by device: 256 MB on CPU, off on GPUs
     assert Policy().backend.prefix_cache_min_tokens == 32
     with pytest.raises(ValueError):
         Local(prefix_cache_mb=-1)
@@ -296,3 +296,12 @@ def test_short_or_absent_system_parts_are_not_cached(backends):
     assert cached_tokens(reply) == cached_tokens(reply2) == (0, 0)
     after = on.prefix_cache.stats()
     assert after["entries"] == 0 and after["misses"] == before["misses"]
+
+
+@pytest.mark.model
+def test_prefix_cache_default_is_on_for_cpu() -> None:
+    from contextwise.backends.loading import load_model
+    from contextwise.backends.local import LocalBackend
+
+    backend = LocalBackend(loaded=load_model("smollm2-135m-instruct", device="cpu"))
+    assert backend.prefix_cache is not None and backend.prefix_cache.max_bytes == 256 * 2**20

@@ -1,0 +1,444 @@
+"""Dynamic batching in front of a backend: a bounded queue, one worker, padded batches.
+
+    engine = BatchingEngine(LocalBackend(), max_batch=16, max_wait_ms=5, max_queue=256)
+    reply = engine.generate([call])[0]          # from any thread
+    reply = (await engine.agenerate([call]))[0]  # from an event loop, never blocking it
+
+Every call goes through one bounded queue (a full queue raises `Overloaded` at
+once, it never grows without end) to one worker thread, which takes up to
+`max_batch` requests at a time and runs them:
+
+- Waiting: after the first request the worker waits up to `max_wait_ms` for
+  more. It adapts to the arrival rate: when the last batch filled up it waits
+  the full window; when requests arrive further apart than the window (an
+  EWMA of the gaps) it does not wait at all and takes what is queued.
+- Grouping: plain text calls with the same decoding class (greedy, or sampled
+  with the same temperature and top_p and no seed) share one padded
+  `model.generate` (left padding, attention mask). Calls that need grammar-
+  constrained decoding (a forced tool call, a response_format), a seed, or
+  whose system part the prefix KV cache takes (see `LocalBackend.system_prefix`)
+  run on the backend's own single-request path, still in queue order; so does a
+  compatible group of one. A backend that is not a `LocalBackend` gets each
+  compatible group as one `generate(calls)` (the batch-native contract).
+- Per row: its own `max_tokens`, stop strings (transformers' StopStringCriteria,
+  as on the single path), stream (`call.on_delta`, held back like the single
+  path's so the deltas add up to the final text) and cancellation: when a row's
+  `on_delta` raises (`Cancelled`: the caller closed its stream) that row stops
+  and its caller gets the error; the other rows go on. A row's Reply is handed
+  back the moment the row finishes, not when the whole batch does.
+
+Greedy batched output equals the single path's token for token, except where
+padding changes float rounding enough to flip a near-tie (see tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from contextwise.backends.base import Backend
+from contextwise.backends.chat_format import TOOL_CALL_OPEN
+from contextwise.backends.local import LocalBackend, _DeltaStreamer
+
+from contextwise.errors import BackendError, ContextOverflow, InputError, Overloaded
+from contextwise.types import Call, Message, Reply, Tool
+
+__all__ = ["BatchingEngine"]
+
+_ALPHA = 0.3  # weight of the newest inter-arrival gap in the rate estimate
+
+
+@dataclass(eq=False)
+class _Request:
+    call: Call
+    future: Future[Reply] = field(default_factory=Future)
+    t_in: float = field(default_factory=time.perf_counter)
+    ids: list[int] | None = None  # prompt token ids (local backend, batchable calls)
+
+
+@dataclass(eq=False)
+class _Row:
+    """One call inside a padded batched generate."""
+
+    req: _Request
+    ids: list[int]  # the prompt
+    max_new: int
+    stop: tuple[str, ...] | None
+    streamer: Any  # local._DeltaStreamer or None
+    new: list[int] = field(default_factory=list)
+    done: bool = False
+    error: BaseException | None = None
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.ids)
+
+
+class BatchingEngine(Backend):
+    """A `Backend` that queues calls and runs them in dynamic batches on `backend`.
+
+    `max_batch` requests at most per batch; `max_wait_ms` the longest wait for
+    more after the first; `max_queue` requests waiting at most (then
+    `Overloaded`); the worker thread exits after `idle_exit_s` without work and
+    starts again on the next call. Attributes the engine lacks (`model`,
+    `tokenizer`, `loaded`, `prefix_cache`...) are the wrapped backend's.
+    """
+
+    def __init__(self, backend: Backend, max_batch: int = 16, max_wait_ms: float = 5.0,
+                 max_queue: int = 256, idle_exit_s: float = 30.0):
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
+                                 ("max_wait_ms", max_wait_ms, 0), ("idle_exit_s", idle_exit_s, 0)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+                raise InputError(name, f"must be a number >= {low}, got {value!r}")
+        self.backend = backend
+        self.max_batch = int(max_batch)
+        self.max_wait_s = float(max_wait_ms) / 1000
+        self.max_queue = int(max_queue)
+        self.idle_exit_s = float(idle_exit_s)
+        self._local = _is_local(backend)
+        self._queue: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self._last_arrival: float | None = None
+        self._gap_ewma: float | None = None  # seconds between arrivals, smoothed
+        self._last_full = False
+        self._stats = {"submitted": 0, "rejected": 0, "batches": 0, "batched_calls": 0,
+                       "single_calls": 0, "largest_batch": 0, "waits": 0, "no_waits": 0}
+        self._names = itertools.count(1)
+
+    # -- what the pipeline reads, passed through
+
+    @property  # type: ignore[override]
+    def model_name(self) -> str:
+        return self.backend.model_name
+
+    @property  # type: ignore[override]
+    def context_window(self) -> int:
+        return self.backend.context_window
+
+    @context_window.setter
+    def context_window(self, value: int) -> None:
+        self.backend.context_window = value
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "backend":
+            raise AttributeError(name)
+        return getattr(self.backend, name)
+
+    def count_tokens(self, messages: Sequence[Message], tools: Iterable[Tool] = ()) -> int:
+        return self.backend.count_tokens(messages, tools)
+
+    def prompt_tokens(self, call: Call) -> int:
+        return self.backend.prompt_tokens(call)
+
+    # -- the Backend contract, through the queue
+
+    def generate(self, calls: Sequence[Call]) -> list[Reply]:
+        return [f.result() for f in self.submit(calls)]
+
+    async def agenerate(self, calls: Sequence[Call]) -> list[Reply]:
+        futures = self.submit(calls)  # a lock and an append: does not block the loop
+        return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+
+    def submit(self, calls: Sequence[Call]) -> list[Future[Reply]]:
+        """Queue `calls` (all or none); one Future per call, in order."""
+        reqs = [_Request(c) for c in calls]
+        if not reqs:
+            return []
+        with self._cond:
+            if self._closed:
+                raise BackendError("the batching engine is closed")
+            waiting = len(self._queue)
+            if waiting + len(reqs) > self.max_queue:
+                self._stats["rejected"] += len(reqs)
+                raise Overloaded(f"queue full: {waiting} requests waiting "
+                                 f"(max_queue={self.max_queue}); retry later")
+            now = time.perf_counter()
+            for _ in reqs:  # k calls at once: k arrivals, the last k - 1 after no gap
+                if self._last_arrival is not None:
+                    gap = min(now - self._last_arrival, 1.0)
+                    self._gap_ewma = gap if self._gap_ewma is None else (
+                        _ALPHA * gap + (1 - _ALPHA) * self._gap_ewma)
+                self._last_arrival = now
+            self._queue.extend(reqs)
+            self._stats["submitted"] += len(reqs)
+            if self._worker is None:
+                self._worker = threading.Thread(
+                    target=self._loop, daemon=True,
+                    name=f"contextwise-engine-{next(self._names)}")
+                self._worker.start()
+            self._cond.notify()
+        return [r.future for r in reqs]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: submitted, rejected (Overloaded), batches (batched generates),
+        batched_calls, single_calls, largest_batch, waits / no_waits (adaptive
+        window decisions), queued (waiting now)."""
+        with self._cond:
+            return {**self._stats, "queued": len(self._queue)}
+
+    def close(self) -> None:
+        """Stop the worker after the current batch; queued calls fail with BackendError."""
+        with self._cond:
+            self._closed = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+            worker = self._worker
+        for r in pending:
+            if r.future.set_running_or_notify_cancel():
+                r.future.set_exception(BackendError("the batching engine was closed"))
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout=60)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the worker
+
+    def window_s(self) -> float:
+        """How long to wait for more requests after the first (the adaptive rule)."""
+        if self._last_full:
+            return self.max_wait_s
+        if self._gap_ewma is not None and self._gap_ewma > self.max_wait_s:
+            return 0.0  # requests arrive further apart than the window: waiting buys nothing
+        return self.max_wait_s
+
+    def _take(self) -> list[_Request] | None:
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    self._worker = None
+                    return None
+                if not self._cond.wait(self.idle_exit_s) and not self._queue:
+                    self._worker = None  # idle: the next submit starts a new worker
+                    return None
+            window = self.window_s() if self.max_batch > 1 else 0.0
+            self._stats["waits" if window > 0 else "no_waits"] += 1
+            deadline = self._queue[0].t_in + window
+            while len(self._queue) < self.max_batch and not self._closed:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            n = min(self.max_batch, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._last_full = n >= self.max_batch
+        return [r for r in batch if r.future.set_running_or_notify_cancel()]
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            except BaseException as e:  # a bug here must not strand the callers
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(
+                            e if isinstance(e, Exception) else BackendError(repr(e)))
+                if not isinstance(e, Exception):
+                    with self._cond:
+                        self._worker = None  # the next submit starts a new worker
+                    raise
+
+    def _run(self, batch: list[_Request]) -> None:
+        groups: dict[Any, list[_Request]] = {}
+        for r in batch:
+            try:
+                key = self._key(r)
+            except Exception as e:  # noqa: BLE001  (the caller gets it, e.g. ContextOverflow)
+                r.future.set_exception(e)
+                continue
+            groups.setdefault(key, []).append(r)
+        for key, group in groups.items():
+            if key[0] == "single" or len(group) == 1:
+                for r in group:
+                    self._run_single(r)
+            elif self._local:
+                self._run_padded(group)
+            else:
+                self._run_group(group)
+
+    def _key(self, r: _Request) -> tuple[Any, ...]:
+        """The decoding class a request can share a batch with, or ("single", id)."""
+        call, p = r.call, r.call.params
+        if p.seed is not None or p.response_format or p.tool_choice not in ("auto", "none"):
+            return ("single", id(r))
+        if self._local:
+            b = self.backend
+            ids = b.tokenizer(b.render(call), add_special_tokens=False)["input_ids"]
+            max_new = p.max_tokens or b.default_max_tokens
+            if len(ids) + max_new > b.context_window:
+                raise ContextOverflow(len(ids), max_new, b.context_window)
+            if b.system_prefix(call, ids) is not None:
+                return ("single", id(r))  # the prefix KV cache serves it better alone
+            r.ids = list(ids)
+        if p.temperature > 0:
+            return ("sample", p.temperature, p.top_p)
+        return ("greedy",)
+
+    def _finish(self, r: _Request, reply: Reply | None = None,
+                error: BaseException | None = None) -> None:
+        if error is not None:
+            r.future.set_exception(error)
+        else:
+            assert reply is not None
+            reply.latency_s = time.perf_counter() - r.t_in  # queue wait included
+            r.future.set_result(reply)
+
+    def _run_single(self, r: _Request) -> None:
+        with self._cond:
+            self._stats["single_calls"] += 1
+        try:
+            reply = self.backend.generate([r.call])[0]
+        except Exception as e:  # noqa: BLE001  (the caller gets it)
+            self._finish(r, error=e)
+        else:
+            self._finish(r, reply)
+
+    def _count_batch(self, n: int) -> None:
+        with self._cond:
+            self._stats["batches"] += 1
+            self._stats["batched_calls"] += n
+            self._stats["largest_batch"] = max(self._stats["largest_batch"], n)
+
+    def _run_group(self, group: list[_Request]) -> None:
+        """A backend other than LocalBackend: the group as one batch-native generate."""
+        self._count_batch(len(group))
+        try:
+            replies = self.backend.generate([r.call for r in group])
+        except Exception as e:  # noqa: BLE001  (every caller of the group gets it)
+            for r in group:
+                self._finish(r, error=e)
+            return
+        for r, reply in zip(group, replies, strict=True):
+            self._finish(r, reply)
+
+    def _run_padded(self, group: list[_Request]) -> None:
+        """One left-padded `model.generate` for a compatible group (LocalBackend)."""
+        import torch
+        from transformers import StoppingCriteriaList
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+
+        b = self.backend
+        tok = b.tokenizer
+        rows: list[_Row] = []
+        for r in group:
+            p = r.call.params
+            streamer = None
+            if r.call.on_delta is not None:
+                markers = list(p.stop or [])
+                if r.call.tools and p.tool_choice != "none":
+                    markers.append(TOOL_CALL_OPEN)
+                streamer = _DeltaStreamer(tok, r.call.on_delta, markers)
+                streamer.prompt_seen = True  # it is fed the new tokens only
+            assert r.ids is not None
+            rows.append(_Row(r, r.ids, p.max_tokens or b.default_max_tokens,
+                             tuple(p.stop) if p.stop else None, streamer))
+        stops = {row.stop: StopStringCriteria(tok, list(row.stop)) for row in rows if row.stop}
+        self._count_batch(len(rows))
+
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = max(row.n_prompt for row in rows)
+        input_ids = torch.tensor([[pad] * (width - row.n_prompt) + row.ids for row in rows],
+                                 dtype=torch.long)
+        mask = torch.tensor([[0] * (width - row.n_prompt) + [1] * row.n_prompt for row in rows],
+                            dtype=torch.long)
+        p = rows[0].req.call.params  # the group shares its decoding class
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(row.max_new for row in rows),
+            "pad_token_id": pad,
+            "eos_token_id": tok.eos_token_id,
+            "stopping_criteria": StoppingCriteriaList(
+                [_RowControl(self, rows, stops, tok.eos_token_id)]),
+        }
+        if p.temperature > 0:
+            kwargs.update(do_sample=True, temperature=p.temperature, top_p=p.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        failure: BaseException | None = None
+        with b._lock, torch.inference_mode():
+            try:
+                b.model.generate(input_ids=input_ids.to(b.model.device),
+                                 attention_mask=mask.to(b.model.device), **kwargs)
+            except Exception as e:  # noqa: BLE001  (the unfinished rows get it)
+                failure = BackendError(f"generation failed: {type(e).__name__}: {e}")
+                failure.__cause__ = e
+        for row in rows:  # rows generate ended without our criteria finishing them
+            if not row.done:
+                row.done = True
+                if failure is not None:
+                    self._finish(row.req, error=failure)
+                else:
+                    self._complete(row, len(rows))
+
+    def _complete(self, row: _Row, batch_size: int) -> None:
+        """Hand a finished row its Reply (or its error) right away."""
+        r = row.req
+        if row.error is not None:
+            self._finish(r, error=row.error)
+            return
+        try:
+            reply = self.backend._reply(
+                r.call, row.new, row.n_prompt, r.t_in, None, row.streamer,
+                prefix_cached_tokens=0, prefix_stored_tokens=0, batch_size=batch_size)
+        except Exception as e:  # noqa: BLE001  (e.g. Cancelled from the stream's last delta)
+            self._finish(r, error=e)
+        else:
+            self._finish(r, reply)
+
+
+class _RowControl:
+    """A per-row stopping criterion that also streams each row and finishes it.
+
+    transformers calls it once per decoding step with the grown `input_ids`
+    and stops the rows it returns True for (their later tokens are padding).
+    """
+
+    def __init__(self, engine: BatchingEngine, rows: list[_Row],
+                 stops: dict[tuple[str, ...], Any], eos: int):
+        self.engine = engine
+        self.rows = rows
+        self.stops = stops
+        self.eos = eos
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        last = input_ids[:, -1].tolist()
+        done: list[bool] = []
+        for i, row in enumerate(self.rows):
+            if not row.done:
+                token = last[i]
+                row.new.append(token)
+                stop = token == self.eos or len(row.new) >= row.max_new
+                if not stop and row.stop is not None:
+                    stop = bool(self.stops[row.stop](input_ids[i:i + 1], scores)[0])
+                if row.streamer is not None:
+                    try:
+                        row.streamer.put(torch.tensor([token]))
+                    except Exception as e:  # noqa: BLE001  (Cancelled: the caller stopped listening)
+                        row.error, stop = e, True
+                if stop:
+                    row.done = True
+                    self.engine._complete(row, len(self.rows))
+            done.append(row.done)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _is_local(backend: Backend) -> bool:
+    return isinstance(backend, LocalBackend)
