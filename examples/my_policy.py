@@ -28,6 +28,9 @@ policy = Policy(
     cache=Cache(similarity=0.82, scope="global", ttl_s=3600, max_entries=50_000,
                 eviction="lru", side_effect_tools=["book_flight"]),
     budget=Budget(max_context_tokens=4096, max_output_tokens=128),
-    backend=Local(model="smollm2-135m-instruct", device="auto", dtype="auto"),
+    # int8 weights (a quarter of fp32, +0.45% perplexity on the held-out text);
+    # up to 16 compatible requests share one batched generate
+    backend=Local(model="smollm2-135m-instruct", device="auto", dtype="auto",
+                  quantization="int8", max_batch=16, max_wait_ms=5),
     storage=Storage(path=None, ledger=True),
 )
