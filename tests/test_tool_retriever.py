@@ -3,7 +3,6 @@ ExampleRetriever: similarity, budget, order."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -250,9 +249,7 @@ def test_ten_thousand_tools_build_and_search(embedder: Any) -> None:
     r = ToolRetriever(catalogue, embedder=embedder)
     assert len(r) == 10_000
     r.search("warm up", 5)
-    t0 = time.perf_counter()
-    top = r.search("delete a weather alert", 10)
-    assert time.perf_counter() - t0 < 5  # sanity only; the benchmark measures speed
+    top = r.search("delete a weather alert", 10)  # speed: benchmarks/tool_retrieval.py
     assert len(top) == 10
     assert all("weather" in t.name for t, _ in top[:3])
     assert any(t.name.startswith("delete_weather_alert") for t, _ in top)
