@@ -30,6 +30,8 @@ def build_backend(spec: Local, budget: Budget) -> Backend:
         prefix_cache_mb=spec.prefix_cache_mb,
         prefix_cache_min_tokens=spec.prefix_cache_min_tokens,
         quantization=spec.quantization,
+        speculative=spec.speculative,
+        speculative_tokens=spec.speculative_tokens,
     )
     if spec.max_batch > 1 and isinstance(backend, Backend):
         from contextwise.backends.engine import BatchingEngine

@@ -18,7 +18,8 @@ once, it never grows without end) to one worker thread, which takes up to
   constrained decoding (a forced tool call, a response_format), a seed, or
   whose system part the prefix KV cache takes (see `LocalBackend.system_prefix`)
   run on the backend's own single-request path, still in queue order; so does a
-  compatible group of one. A backend that is not a `LocalBackend` gets each
+  compatible group of one (which is where `Local(speculative="prompt_lookup")`
+  applies: under load requests batch, a request that runs alone speculates). A backend that is not a `LocalBackend` gets each
   compatible group as one `generate(calls)` (the batch-native contract).
 - Per row: its own `max_tokens`, stop strings (transformers' StopStringCriteria,
   as on the single path), stream (`call.on_delta`, held back like the single

@@ -11,6 +11,26 @@ Prefix KV cache: the rendered system part of a prompt (system message(s) plus
 the tools block chat_format puts there) is prefilled once and its keys/values
 kept in a `PrefixCache`; later calls that open with the same tokens hand
 `generate` a copy and prefill only the rest. Greedy output is unchanged.
+
+Prompt lookup (`speculative="prompt_lookup"`): transformers' assisted
+generation with `prompt_lookup_num_tokens`. Draft tokens are copied from where
+the last n-gram (2, then 1 tokens) occurs earlier in the prompt or the reply so
+far; one forward pass checks the whole draft and keeps the longest prefix the
+model itself would have picked greedily, plus one token of its own. Lossless
+for greedy decoding. Used on this single-request path only (transformers
+supports batch size 1); the batching engine sends a group of one here, so under
+low load calls get prompt lookup and under load they batch. Skipped (plain
+decoding, the reason in the trace) for sampled calls, grammar-constrained calls
+(the grammar processor keeps per-step state that drafting would advance),
+stop strings (transformers' StopStringCriteria only looks at the end of the
+sequence, and a step can add several tokens) and stateful models. Streaming
+works: a step's accepted tokens reach the streamer together. A call served by
+prompt lookup does not use the prefix KV cache (transformers' assisted decoding
+runs its first pass over the whole prompt and can't start from a prefilled
+cache); the trace says `prefix_cache_skipped="speculative"`. "Lossless" holds
+in exact arithmetic: checking a draft in one pass rounds floats differently
+from one token at a time, so a near-tie could in principle flip, as with
+batching (not seen in the tests or the benchmark).
 """
 
 from __future__ import annotations
@@ -34,12 +54,13 @@ from contextwise.backends.loading import LoadedModel, load_model
 from contextwise.backends.prefix_cache import PrefixCache, copy_cache
 from contextwise.backends.prompt import forced_tools, render_prompt
 
-from contextwise.errors import BackendError, Cancelled, ContextOverflow
+from contextwise.errors import BackendError, Cancelled, ContextOverflow, InputError
 from contextwise.types import Call, InvalidToolCall, Message, Reply, Tool, ToolCall, Usage
 
 __all__ = ["LocalBackend"]
 
 DEFAULT_MAX_TOKENS = 256
+SPECULATIVE_MODES = ("none", "prompt_lookup")
 
 
 class _DeltaStreamer:
@@ -102,13 +123,24 @@ class LocalBackend(Backend):
         prefix_cache_mb: float | None = None,
         prefix_cache_min_tokens: int = 32,
         quantization: str = "none",
+        speculative: str = "none",
+        speculative_tokens: int = 10,
     ):
         """`prefix_cache_mb`: memory for cached prompt prefixes (KV), 0 turns
         the prefix cache off, None picks by device: 256 MB on CPU, off on a GPU
         (on an H100 the 135M model prefilled 1,544 tokens faster than the cache
         could be copied); `prefix_cache_min_tokens`: shorter system parts
         are not cached; `quantization`: a `backends.quantize` mode ('none',
-        'int8', 'int8-dynamic', 'int4', 'fp8') applied to the loaded weights."""
+        'int8', 'int8-dynamic', 'int4', 'fp8') applied to the loaded weights;
+        `speculative`: 'prompt_lookup' turns on prompt-lookup decoding for greedy
+        calls (see the module doc), drafting up to `speculative_tokens` per step."""
+        if speculative not in SPECULATIVE_MODES:
+            raise InputError("speculative", f"must be one of {SPECULATIVE_MODES}, got {speculative!r}")
+        if not isinstance(speculative_tokens, int) or speculative_tokens < 1:
+            raise InputError("speculative_tokens",
+                             f"must be an int >= 1, got {speculative_tokens!r}")
+        self.speculative = speculative
+        self.speculative_tokens = speculative_tokens
         self.loaded = loaded or load_model(model, device=device, dtype=dtype, cache_dir=cache_dir,
                                            quantization=quantization)
         self.quantization = self.loaded.quantization
@@ -194,6 +226,19 @@ class LocalBackend(Backend):
     def generate(self, calls: Sequence[Call]) -> list[Reply]:
         return [self._generate_one(c) for c in calls]
 
+    def speculative_skip(self, call: Call) -> str | None:
+        """Why prompt lookup can't serve `call` (plain decoding then), or None when it can."""
+        p = call.params
+        if p.temperature > 0:
+            return "sampled"
+        if p.response_format or self._forced_tool(call):
+            return "constrained"
+        if p.stop:
+            return "stop_strings"
+        if getattr(self.model, "_is_stateful", False):
+            return "stateful_model"
+        return None
+
     def _generate_one(self, call: Call) -> Reply:
         import torch
 
@@ -230,6 +275,19 @@ class LocalBackend(Backend):
                 markers.append(TOOL_CALL_OPEN)
             streamer = _DeltaStreamer(self.tokenizer, call.on_delta, markers)
             kwargs["streamer"] = streamer
+        spec_trace: dict[str, Any] = {}
+        if self.speculative == "prompt_lookup":
+            skip = self.speculative_skip(call)
+            if skip is None:
+                kwargs["prompt_lookup_num_tokens"] = self.speculative_tokens
+                spec_trace["speculative"] = "prompt_lookup"
+                if prefix is not None:
+                    # transformers' assisted decoding runs its first forward pass over the
+                    # whole prompt, so a prefilled cache would see the prefix twice.
+                    prefix = None
+                    spec_trace["prefix_cache_skipped"] = "speculative"
+            else:
+                spec_trace.update(speculative="none", speculative_skipped=skip)
 
         reused = stored = 0
         with self._lock, torch.inference_mode():
@@ -254,7 +312,7 @@ class LocalBackend(Backend):
             except Exception as e:
                 raise BackendError(f"generation failed: {type(e).__name__}: {e}") from e
         return self._reply(call, out[0, n_prompt:].tolist(), n_prompt, t0, forced, streamer,
-                           prefix_cached_tokens=reused, prefix_stored_tokens=stored)
+                           prefix_cached_tokens=reused, prefix_stored_tokens=stored, **spec_trace)
 
     def _reply(self, call: Call, new_ids: list[int], n_prompt: int, t0: float,
                forced: list[Tool] | None, streamer: _DeltaStreamer | None,

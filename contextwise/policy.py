@@ -263,6 +263,17 @@ class Local(_Strict):
     max_queue: int = Field(
         256, ge=1, description="requests waiting at most; then calls fail with Overloaded"
     )
+    speculative: Literal["none", "prompt_lookup"] = Field(
+        "none",
+        description="lossless speculative decoding on the single-request path: "
+        "'prompt_lookup' drafts tokens by copying what followed the last n-gram where it "
+        "occurs earlier in the prompt, and the model checks the draft in one forward pass "
+        "(greedy output unchanged). Helps replies that quote their context (RAG, tool "
+        "results, rewrites); used only for greedy, unconstrained calls without stop strings",
+    )
+    speculative_tokens: int = Field(
+        10, ge=1, description="prompt lookup: draft tokens copied per step at most"
+    )
 
 
 class Storage(_Strict):
