@@ -166,10 +166,6 @@ class LocalBackend(Backend):
 
     # -- prompt
 
-    def _forced_tool(self, call: Call) -> list[Tool] | None:
-        """Tools to constrain to when the call must be a tool call, else None."""
-        return forced_tools(call)
-
     def render(self, call: Call) -> str:
         return render_prompt(self.tokenizer, call)
 
@@ -231,7 +227,7 @@ class LocalBackend(Backend):
         p = call.params
         if p.temperature > 0:
             return "sampled"
-        if p.response_format or self._forced_tool(call):
+        if p.response_format or forced_tools(call):
             return "constrained"
         if p.stop:
             return "stop_strings"
@@ -244,7 +240,7 @@ class LocalBackend(Backend):
 
         t0 = time.perf_counter()
         p = call.params
-        forced = self._forced_tool(call)
+        forced = forced_tools(call)
         max_new = p.max_tokens or self.default_max_tokens
         enc = self.tokenizer(self.render(call), return_tensors="pt", add_special_tokens=False)
         n_prompt = int(enc["input_ids"].shape[1])

@@ -186,10 +186,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     from contextwise.memory.store import Store
     from contextwise.middleware.cache import ResponseCache
+    from contextwise.policy import Cache
 
     policy = _policy(args)
-    spec = policy.cache or type(policy)().cache
-    cache = ResponseCache(spec, store=Store(args.db or policy.storage.path))
+    cache = ResponseCache(policy.cache or Cache(), store=Store(args.db or policy.storage.path))
     console = Console()
     filters = {"session": getattr(args, "session", None), "user": getattr(args, "user", None),
                "tool": getattr(args, "tool", None),

@@ -62,6 +62,9 @@ class FunctionBackend(Backend):
         return messages, kwargs
 
     def _reply(self, call: Call, text: Any, t0: float) -> Reply:
+        """The function's answer as a Reply (and, for a streaming call, one delta)."""
+        if call.on_delta is not None and isinstance(text, str) and text:
+            call.on_delta(text)
         if not isinstance(text, str):
             raise BackendError(f"the wrapped function returned {type(text).__name__}, not str")
         from contextwise.tokens import count_messages, count_text
@@ -82,8 +85,6 @@ class FunctionBackend(Backend):
             result = self.fn(messages, **kwargs)
             if inspect.isawaitable(result):
                 result = asyncio.run(_awaited(result))
-            if call.on_delta is not None and isinstance(result, str) and result:
-                call.on_delta(result)
             out.append(self._reply(call, result, t0))
         return out
 
@@ -95,8 +96,6 @@ class FunctionBackend(Backend):
             t0 = time.perf_counter()
             messages, kwargs = self._args(call)
             result = await self.fn(messages, **kwargs)  # type: ignore[misc]
-            if call.on_delta is not None and isinstance(result, str) and result:
-                call.on_delta(result)
             out.append(self._reply(call, result, t0))
         return out
 

@@ -161,6 +161,17 @@ class EntryFilter:
         return " AND ".join(where) or "1", params
 
 
+def _delete_ids(db: Any, ids: Sequence[int]) -> int:
+    """Delete these entries inside the caller's transaction, in chunks of 500 (SQLite's
+    host-parameter limit); the triggers log each one."""
+    n = 0
+    for start in range(0, len(ids), 500):
+        chunk = list(ids[start:start + 500])
+        marks = ",".join("?" * len(chunk))
+        n += db.execute(f"DELETE FROM cache_entries WHERE id IN ({marks})", chunk).rowcount
+    return n
+
+
 def _row_entry(row: Any) -> CacheEntry:
     vec = row["vector"]
     return CacheEntry(
@@ -227,12 +238,7 @@ class CacheEntries:
         if not ids:
             return 0
         with self.store.transaction() as db:
-            n = 0
-            for start in range(0, len(ids), 500):
-                chunk = list(ids[start:start + 500])
-                marks = ",".join("?" * len(chunk))
-                n += db.execute(f"DELETE FROM cache_entries WHERE id IN ({marks})", chunk).rowcount
-            return n
+            return _delete_ids(db, ids)
 
     def evict(self, *, max_entries: int, max_bytes: int | None, order: str) -> list[int]:
         """Drop entries past the caps, least recently (lru) or least often (lfu) used first."""
@@ -248,10 +254,7 @@ class CacheEntries:
                 doomed.append(row["id"])
                 count -= 1
                 size -= row["bytes"]
-            for start in range(0, len(doomed), 500):
-                chunk = doomed[start:start + 500]
-                db.execute(f"DELETE FROM cache_entries WHERE id IN ({','.join('?' * len(chunk))})",
-                           chunk)
+            _delete_ids(db, doomed)
             return doomed
 
     def expire(self, ttl_s: float | None, now: float | None = None) -> list[int]:
@@ -275,10 +278,7 @@ class CacheEntries:
                 ids = [e.id for e in map(_row_entry, db.execute(
                     f"SELECT {_COLUMNS} FROM cache_entries WHERE {where}", params))
                        if predicate(e)]
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                db.execute(f"DELETE FROM cache_entries WHERE id IN ({','.join('?' * len(chunk))})",
-                           chunk)
+            _delete_ids(db, ids)
             if ids:
                 db.execute("DELETE FROM cache_log "
                            "WHERE seq <= (SELECT MAX(seq) FROM cache_log) - ?", (LOG_KEEP,))

@@ -55,7 +55,7 @@ from contextwise.errors import InputError
 from contextwise.policy import Cache
 from contextwise.types import Call, Message, Reply, Usage
 
-__all__ = ["CacheStage", "Hit", "ResponseCache"]
+__all__ = ["CacheKey", "CacheStage", "Hit", "ResponseCache"]
 
 EXACT_LIMIT = 8192  # a bucket past this many entries gets an IVF index (sub-ms at 100k)
 CANDIDATES = 4  # nearest stored queries checked per lookup
@@ -75,6 +75,19 @@ class Hit:
     similarity: float
     entry_id: int
     query: str  # the stored query that matched
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Where a call's answer lives: scope, context fingerprint (the bucket) and query."""
+
+    namespace: str
+    bucket: str
+    query: str
+
+    @property
+    def exact(self) -> str:
+        return exact_key(self.bucket, self.query)
 
 
 class _BucketIndex:
@@ -253,17 +266,24 @@ class ResponseCache:
 
     # ------------------------------------------------------------------ the two halves
 
-    def lookup_call(self, call: Call) -> Hit | None:
+    def key(self, call: Call) -> CacheKey:
+        """The call's cache key; the stage computes it once for its lookup and its store."""
+        q = latest_user_index(call.messages)
+        query = call.messages[q].content or "" if q is not None else ""
+        namespace = self._namespace(call)
+        return CacheKey(namespace, fingerprint(call, model=self.model, namespace=namespace),
+                        query)
+
+    def lookup_call(self, call: Call, key: CacheKey | None = None) -> Hit | None:
         started = time.perf_counter()
         why = self._unusable(call)
         if why:
-            self._trace(call, hit=None, skipped=why)
+            call.trace.add("cache", hit=None, skipped=why)
             return None
-        q = latest_user_index(call.messages)
-        query = call.messages[q].content or "" if q is not None else ""
-        bucket = fingerprint(call, model=self.model, namespace=self._namespace(call))
+        key = key or self.key(call)
+        query, bucket = key.query, key.bucket
         now = self.clock()
-        entry = self.entries.by_key(exact_key(bucket, query))
+        entry = self.entries.by_key(key.exact)
         if entry is not None and not self._expired(entry, now):
             return self._serve(call, entry, "exact", 1.0, now, started)
         if self.policy.semantic:
@@ -291,25 +311,23 @@ class ResponseCache:
                         continue
                 return self._serve(call, entry, "semantic", score, now, started)
         self.counts["misses"] += 1
-        self._trace(call, hit=None, lookup_ms=round((time.perf_counter() - started) * 1e3, 3))
+        call.trace.add("cache", hit=None,
+                       lookup_ms=round((time.perf_counter() - started) * 1e3, 3))
         return None
 
-    def store_call(self, call: Call, reply: Reply) -> int | None:
+    def store_call(self, call: Call, reply: Reply, key: CacheKey | None = None) -> int | None:
         why = self._unusable(call) or self._uncacheable(call, reply)
         if why:
             self.counts["refused"] += 1
             call.trace.add("cache", stored=False, reason=why)
             return None
-        q = latest_user_index(call.messages)
-        assert q is not None
-        query = call.messages[q].content or ""
-        bucket = fingerprint(call, model=self.model, namespace=self._namespace(call))
+        key = key or self.key(call)
         tools = sorted({t.name for t in call.tools} | {c.name for c in reply.tool_calls})
         body = reply.model_dump(include={"message", "model", "finish_reason"}, mode="json")
-        vector = self._embed(query) if self.policy.semantic else None
+        vector = self._embed(key.query) if self.policy.semantic else None
         entry = CacheEntry(
-            bucket=bucket, exact_key=exact_key(bucket, query), namespace=self._namespace(call),
-            query=query, reply=json.dumps(body), vector=vector, session=call.session,
+            bucket=key.bucket, exact_key=key.exact, namespace=key.namespace,
+            query=key.query, reply=json.dumps(body), vector=vector, session=call.session,
             user=call.user, tools=tools, model=reply.model or self.model, created=self.clock(),
             prompt_tokens=reply.usage.prompt_tokens,
             completion_tokens=reply.usage.completion_tokens, latency_s=reply.latency_s,
@@ -489,8 +507,6 @@ class ResponseCache:
         )
         return Hit(reply, kind, similarity, entry.id, entry.query)
 
-    def _trace(self, call: Call, **data: Any) -> None:
-        call.trace.add("cache", **data)
 
     def _embed(self, text: str) -> np.ndarray:
         return np.asarray(self._embedder().embed_one(text), dtype=np.float32)
@@ -604,12 +620,13 @@ class CacheStage(Stage):
     def __call__(self, call: Call, next: Next) -> Reply:
         if call.cache == "skip":
             return next(call)
-        hit = self.cache.lookup_call(call) if call.cache == "use" else None
+        key = self.cache.key(call)
+        hit = self.cache.lookup_call(call, key) if call.cache == "use" else None
         if hit is not None:
             _replay_stream(call, hit.reply)
             return hit.reply
         reply = next(call)
-        self.cache.store_call(call, reply)
+        self.cache.store_call(call, reply, key)
         return reply
 
     async def acall(self, call: Call, anext: ANext) -> Reply:
@@ -617,13 +634,14 @@ class CacheStage(Stage):
 
         if call.cache == "skip":
             return await anext(call)
-        hit = (await asyncio.to_thread(self.cache.lookup_call, call)
+        key = self.cache.key(call)
+        hit = (await asyncio.to_thread(self.cache.lookup_call, call, key)
                if call.cache == "use" else None)
         if hit is not None:
             _replay_stream(call, hit.reply)
             return hit.reply
         reply = await anext(call)
-        await asyncio.to_thread(self.cache.store_call, call, reply)
+        await asyncio.to_thread(self.cache.store_call, call, reply, key)
         return reply
 
 

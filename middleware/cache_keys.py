@@ -14,7 +14,7 @@ Three pieces, all pure functions of the call (no model, no storage):
 - `guard(a, b)`: high cosine similarity is not enough: "capital of Austria" and
   "capital of Australia", "5 km" and "50 km", "safe" and "not safe" embed
   close together. A semantic hit must also agree on numbers, negation, entity
-  names, wh-words, direction words, and every content word one query has must
+  names, wh-words, word order, and every content word one query has must
   have a counterpart in the other (the same word, a typo of it, or a synonym by
   word embedding). It returns the reason for refusing, or None.
 """
@@ -126,11 +126,6 @@ _NEGATIONS = frozenset(
 # wh-words that ask for a different kind of answer; what/which/how are interchangeable
 _WH = {"when": "when", "where": "where", "who": "who", "whom": "who", "whose": "whose",
        "why": "why"}
-_DIRECTION = frozenset(
-    """from to into onto than vs versus over under before after inherit inherits extend
-    extends convert converts translate translates transfer send sends migrate move beat
-    beats owe owes pay pays""".split()
-)
 _FILLER = frozenset(
     """please pls plz kindly tell explain know want wanna need help show let give me i you
     we my your our can could would will should do does did is are was were be been am the
@@ -175,7 +170,7 @@ _OPPOSITES = [
     ("static", "dynamic"), ("mutable", "immutable"), ("join", "leave"), ("attach", "detach"),
     ("connect", "disconnect"), ("subscribe", "unsubscribe"), ("install", "uninstall"),
     ("login", "logout"), ("sign", "unsign"), ("deposit", "withdraw"), ("credit", "debit"),
-    ("borrow", "lend"), ("import", "export"), ("inhale", "exhale"), ("arrival", "departure"),
+    ("borrow", "lend"), ("inhale", "exhale"), ("arrival", "departure"),
     ("arrive", "depart"), ("departure", "return"), ("outbound", "inbound"),
     ("morning", "evening"), ("day", "night"), ("summer", "winter"), ("spring", "autumn"),
     ("male", "female"), ("men", "women"), ("man", "woman"), ("boy", "girl"), ("adult", "child"),
@@ -196,7 +191,7 @@ _OPPOSITES = [
     ("tomorrow", "yesterday"), ("weekday", "weekend"), ("next", "previous"),
     ("next", "last"), ("forward", "backward"), ("undo", "redo"), ("zip", "unzip"),
     ("compress", "decompress"), ("mount", "unmount"), ("freeze", "unfreeze"),
-    ("merge", "split"), ("overestimate", "underestimate"), ("pros", "cons"),
+    ("merge", "split"), ("overestimate", "underestimate"),
 ]
 _OPPOSITE: dict[str, set[str]] = {}
 for _a, _b in _OPPOSITES:
@@ -238,7 +233,6 @@ class KeyTerms:
     negated: bool
     entities: frozenset[str]  # case-folded names written with capitals or digits
     wh: frozenset[str]
-    direction: bool
     content: tuple[str, ...]  # stemmed content words, in order, without filler
     words: frozenset[str]  # every word, case-folded
     sequence: tuple[str, ...]  # every word, case-folded, in order
@@ -252,7 +246,6 @@ def key_terms(text: str) -> KeyTerms:
     entities: set[str] = set()
     wh: set[str] = set()
     negated = False
-    direction = False
     content: list[str] = []
     sentence_start = True
     pos = 0
@@ -278,8 +271,6 @@ def key_terms(text: str) -> KeyTerms:
             negated = True
         if word in _WH:
             wh.add(_WH[word])
-        if word in _DIRECTION:
-            direction = True
         capitalized = tok[0].isupper() and not sentence_start
         if (capitalized and word not in _FILLER) or (len(tok) >= 2 and tok.isupper()):
             entities.add(word)
@@ -289,7 +280,7 @@ def key_terms(text: str) -> KeyTerms:
             content.append(_lemma(word))
     folded = [t.casefold().replace("'", "") for t in raw]
     return KeyTerms(frozenset(numbers), negated, frozenset(entities), frozenset(wh),
-                    direction, tuple(content), frozenset(folded), tuple(folded))
+                    tuple(content), frozenset(folded), tuple(folded))
 
 
 def _typo(a: str, b: str) -> bool:
