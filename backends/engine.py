@@ -30,6 +30,15 @@ once, it never grows without end) to one worker thread, which takes up to
 
 Greedy batched output equals the single path's token for token, except where
 padding changes float rounding enough to flip a near-tie (see tests/test_engine.py).
+
+Static decoding (`static_decode`: "auto" = on for CUDA with a Llama-family
+model, "on" also on CPU, "off"): the batchable requests go to a
+`ContinuousRunner` over a `StaticDecoder` instead of a padded generate: KV-cache
+slots (`max_batch`, or fewer if `kv_cache_mb` holds fewer), decode steps replayed
+as CUDA graphs (`decode_steps` greedy tokens per replay), requests admitted into
+free slots between chunks (continuous batching), and queued calls the slots
+can't take run on the single path between chunks. Built on the first batch;
+`stats()["static_decode"]` says "on" or why not, `stats()["static"]` its counters.
 """
 
 from __future__ import annotations
@@ -46,12 +55,16 @@ from typing import Any, Self
 
 from contextwise.backends.base import Backend
 from contextwise.backends.chat_format import TOOL_CALL_OPEN
+from contextwise.backends.continuous import ContinuousRunner, _Active
 from contextwise.backends.local import LocalBackend, _DeltaStreamer
 
 from contextwise.errors import BackendError, ContextOverflow, InputError, Overloaded
 from contextwise.types import Call, Message, Reply, Tool
 
-__all__ = ["BatchingEngine"]
+__all__ = ["BatchingEngine", "STATIC_MODES"]
+
+STATIC_MODES = ("auto", "on", "off")
+MAX_STATIC_LEN = 4096  # longest sequence a static slot holds; longer calls take the single path
 
 _ALPHA = 0.3  # weight of the newest inter-arrival gap in the rate estimate
 
@@ -93,11 +106,26 @@ class BatchingEngine(Backend):
     """
 
     def __init__(self, backend: Backend, max_batch: int = 16, max_wait_ms: float = 5.0,
-                 max_queue: int = 256, idle_exit_s: float = 30.0):
+                 max_queue: int = 256, idle_exit_s: float = 30.0, static_decode: str = "auto",
+                 decode_steps: int = 8, cuda_graphs: bool = True,
+                 kv_cache_mb: float | None = None, compile_decode: bool = False):
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
-                                 ("max_wait_ms", max_wait_ms, 0), ("idle_exit_s", idle_exit_s, 0)):
+                                 ("max_wait_ms", max_wait_ms, 0), ("idle_exit_s", idle_exit_s, 0),
+                                 ("decode_steps", decode_steps, 1)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
                 raise InputError(name, f"must be a number >= {low}, got {value!r}")
+        if static_decode not in STATIC_MODES:
+            raise InputError("static_decode", f"must be one of {STATIC_MODES}, got {static_decode!r}")
+        if kv_cache_mb is not None and (not isinstance(kv_cache_mb, (int, float))
+                                        or isinstance(kv_cache_mb, bool) or kv_cache_mb <= 0):
+            raise InputError("kv_cache_mb", f"must be a number > 0 or None, got {kv_cache_mb!r}")
+        self.static_decode = static_decode
+        self.decode_steps = int(decode_steps)
+        self.cuda_graphs = bool(cuda_graphs)
+        self.compile_decode = bool(compile_decode)
+        self.kv_cache_mb = kv_cache_mb
+        self._runner: ContinuousRunner | None = None
+        self._static_reason: str | None = None  # why static decoding is off, once decided
         self.backend = backend
         self.max_batch = int(max_batch)
         self.max_wait_s = float(max_wait_ms) / 1000
@@ -184,7 +212,16 @@ class BatchingEngine(Backend):
         batched_calls, single_calls, largest_batch, waits / no_waits (adaptive
         window decisions), queued (waiting now)."""
         with self._cond:
-            return {**self._stats, "queued": len(self._queue)}
+            out: dict[str, Any] = {**self._stats, "queued": len(self._queue)}
+        out["static_decode"] = self._static_reason or ("on" if self._runner else "undecided")
+        if self._runner is not None:
+            out["static"] = {**self._runner.stats, **self._runner.decoder.stats,
+                             "slots": self._runner.decoder.slots,
+                             "max_len": self._runner.decoder.max_len,
+                             "kv_cache_mb": round(self._runner.decoder.kv_bytes / 2**20, 1),
+                             "fused": self._runner.decoder.fused is not None,
+                             "compiled": self._runner.decoder.compiled}
+        return out
 
     def close(self) -> None:
         """Stop the worker after the current batch; queued calls fail with BackendError."""
@@ -264,6 +301,19 @@ class BatchingEngine(Backend):
                 r.future.set_exception(e)
                 continue
             groups.setdefault(key, []).append(r)
+        runner = self._static_runner() if any(k[0] != "single" for k in groups) else None
+        if runner is not None:
+            static: list[_Request] = []
+            for key, group in groups.items():
+                for r in group:
+                    if key[0] == "single" or not self._fits(runner, r):
+                        self._run_single(r)
+                    else:
+                        static.append(r)
+            if static:
+                self._count_batch(len(static))
+                runner.run(static)
+            return
         for key, group in groups.items():
             if key[0] == "single" or len(group) == 1:
                 for r in group:
@@ -290,6 +340,110 @@ class BatchingEngine(Backend):
         if p.temperature > 0:
             return ("sample", p.temperature, p.top_p)
         return ("greedy",)
+
+    # -- static decoding (continuous batching, CUDA graphs)
+
+    def _static_runner(self) -> ContinuousRunner | None:
+        """The continuous-batching runner, built on first use; None when static decoding
+        is off (the reason is in stats()["static_decode"])."""
+        if self._runner is not None or self._static_reason is not None:
+            return self._runner
+        reason = None
+        if self.static_decode == "off":
+            reason = "off by policy"
+        elif not self._local:
+            reason = "the backend is not a LocalBackend"
+        else:
+            from contextwise.backends.static_decode import (
+                StaticDecoder,
+                cache_dtype,
+                kv_bytes_per_slot,
+                supported,
+            )
+
+            b = self.backend
+            model = b.model
+            on_gpu = model.device.type == "cuda"
+            reason = supported(model)
+            if reason is None and self.static_decode == "auto" and not on_gpu:
+                reason = "auto: on for CUDA devices only"
+            if reason is None:
+                max_len = min(b.context_window, MAX_STATIC_LEN)
+                per_slot = kv_bytes_per_slot(model, max_len, cache_dtype(model))
+                slots = min(self.max_batch, int(self._kv_budget(on_gpu) // per_slot))
+                if slots < 1:
+                    reason = (f"kv_cache_mb holds no slot: one slot of {max_len} tokens "
+                              f"takes {per_slot / 2**20:.0f} MB")
+                else:
+                    decoder = StaticDecoder(model, slots, max_len, cuda_graphs=self.cuda_graphs,
+                                            lock=b._lock, compile=self.compile_decode,
+                                            eos=b.tokenizer.eos_token_id)
+                    decoder.warm_up()  # compiling (if asked) before the first chunk
+                    self._runner = ContinuousRunner(
+                        decoder, b.tokenizer.eos_token_id, self.decode_steps,
+                        make_row=self._make_row, complete=self._complete, poll=self._poll,
+                        decode_text=lambda ids: b.tokenizer.decode(ids, skip_special_tokens=True))
+        self._static_reason = reason
+        return self._runner
+
+    def _kv_budget(self, on_gpu: bool) -> float:
+        if self.kv_cache_mb is not None:
+            return self.kv_cache_mb * 2**20
+        if on_gpu:
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(self.backend.model.device)
+            return 0.3 * free  # what is free now, less room for activations and graphs
+        return 512 * 2**20
+
+    def _fits(self, runner: ContinuousRunner, r: _Request) -> bool:
+        p = r.call.params
+        assert r.ids is not None
+        return runner.fits(len(r.ids), p.max_tokens or self.backend.default_max_tokens)
+
+    def _make_row(self, r: _Request, slot: int) -> _Active:
+        p = r.call.params
+        assert r.ids is not None
+        min_new = getattr(self.backend.model.generation_config, "min_new_tokens", None) or 0
+        return _Active(r, slot, r.ids, p.max_tokens or self.backend.default_max_tokens,
+                       tuple(p.stop) if p.stop else None, self._streamer(r),
+                       p.temperature, p.top_p, min_new=min_new)
+
+    def _streamer(self, r: _Request) -> Any:
+        call = r.call
+        if call.on_delta is None:
+            return None
+        markers = list(call.params.stop or [])
+        if call.tools and call.params.tool_choice != "none":
+            markers.append(TOOL_CALL_OPEN)
+        streamer = _DeltaStreamer(self.backend.tokenizer, call.on_delta, markers)
+        streamer.prompt_seen = True  # it is fed the new tokens only
+        return streamer
+
+    def _poll(self, limit: int) -> list[_Request]:
+        """Up to `limit` queued requests the runner can take, without waiting; the
+        queued requests it can't take (grammar, seed, too long) run here, in order."""
+        out: list[_Request] = []
+        runner = self._runner
+        while len(out) < limit:
+            with self._cond:
+                if not self._queue or self._closed:
+                    break
+                r = self._queue.popleft()
+            if not r.future.set_running_or_notify_cancel():
+                continue
+            try:
+                key = self._key(r)
+            except Exception as e:  # noqa: BLE001  (the caller gets it)
+                r.future.set_exception(e)
+                continue
+            if key[0] == "single" or runner is None or not self._fits(runner, r):
+                self._run_single(r)
+            else:
+                with self._cond:
+                    self._stats["batched_calls"] += 1
+                out.append(r)
+        return out
 
     def _finish(self, r: _Request, reply: Reply | None = None,
                 error: BaseException | None = None) -> None:
@@ -340,16 +494,9 @@ class BatchingEngine(Backend):
         rows: list[_Row] = []
         for r in group:
             p = r.call.params
-            streamer = None
-            if r.call.on_delta is not None:
-                markers = list(p.stop or [])
-                if r.call.tools and p.tool_choice != "none":
-                    markers.append(TOOL_CALL_OPEN)
-                streamer = _DeltaStreamer(tok, r.call.on_delta, markers)
-                streamer.prompt_seen = True  # it is fed the new tokens only
             assert r.ids is not None
             rows.append(_Row(r, r.ids, p.max_tokens or b.default_max_tokens,
-                             tuple(p.stop) if p.stop else None, streamer))
+                             tuple(p.stop) if p.stop else None, self._streamer(r)))
         stops = {row.stop: StopStringCriteria(tok, list(row.stop)) for row in rows if row.stop}
         self._count_batch(len(rows))
 
@@ -387,7 +534,7 @@ class BatchingEngine(Backend):
                 else:
                     self._complete(row, len(rows))
 
-    def _complete(self, row: _Row, batch_size: int) -> None:
+    def _complete(self, row: _Row | _Active, batch_size: int) -> None:
         """Hand a finished row its Reply (or its error) right away."""
         r = row.req
         if row.error is not None:
@@ -396,7 +543,8 @@ class BatchingEngine(Backend):
         try:
             reply = self.backend._reply(
                 r.call, row.new, row.n_prompt, r.t_in, None, row.streamer,
-                prefix_cached_tokens=0, prefix_stored_tokens=0, batch_size=batch_size)
+                prefix_cached_tokens=0, prefix_stored_tokens=0, batch_size=batch_size,
+                **({"decode": "static"} if isinstance(row, _Active) else {}))
         except Exception as e:  # noqa: BLE001  (e.g. Cancelled from the stream's last delta)
             self._finish(r, error=e)
         else:

@@ -31,13 +31,34 @@ cache); the trace says `prefix_cache_skipped="speculative"`. "Lossless" holds
 in exact arithmetic: checking a draft in one pass rounds floats differently
 from one token at a time, so a near-tie could in principle flip, as with
 batching (not seen in the tests or the benchmark).
+
+Draft model (`speculative="draft"`): transformers' assisted generation with a
+draft model proposing up to `speculative_tokens` tokens per step (fewer when
+its own top probability drops below transformers' default confidence cut, 0.4;
+the count adapts within a call: +2 after a fully accepted draft, -1 otherwise),
+checked by the main model in one pass, lossless as above. `draft_model` loads
+a separate model like `model` does (same tokenizer: token ids are compared
+directly; a different one goes through transformers' re-tokenizing path).
+Without one the draft is the main model itself, exiting after its first
+`draft_layers` decoder layers (transformers' `assistant_early_exit`: the same
+module with `config.num_hidden_layers` lowered while drafting, so the same
+embedding, final norm and head; no weights are copied). Early exit only drafts
+well for models trained for it (LayerSkip): on SmolLM2-135M a 27-of-30-layer
+draft has 33-39% of its tokens accepted, and on a CPU the drafting steps cost
+more than they save, 0.4x the plain tokens/s (benchmarks/speculative.py;
+shallower drafts are accepted even less: 1-14% at 4-20 layers). Same skip rules
+and prefix-cache bypass as prompt lookup. The trace gives
+`draft_target_passes` (main-model forward passes) and `draft_accepted_tokens`
+(= completion tokens - those passes: the tokens that came from accepted drafts).
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import Any
@@ -54,13 +75,64 @@ from contextwise.backends.loading import LoadedModel, load_model
 from contextwise.backends.prefix_cache import PrefixCache, copy_cache
 from contextwise.backends.prompt import forced_tools, render_prompt
 
-from contextwise.errors import BackendError, Cancelled, ContextOverflow, InputError
+from contextwise.errors import BackendError, Cancelled, ContextOverflow, InputError, ModelNotFound
 from contextwise.types import Call, InvalidToolCall, Message, Reply, Tool, ToolCall, Usage
 
 __all__ = ["LocalBackend"]
 
 DEFAULT_MAX_TOKENS = 256
-SPECULATIVE_MODES = ("none", "prompt_lookup")
+SPECULATIVE_MODES = ("none", "prompt_lookup", "draft")
+DRAFT_LAYERS_FRACTION = 0.9  # self-draft default: 27 of SmolLM2-135M's 30 layers
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: Any) -> threading.Lock:
+    """One lock per loaded model, shared by every backend on it (a self-draft
+    changes the model's config while it drafts)."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.Lock()
+        return lock
+
+
+class _PassCounter:
+    """A stopping criterion that never stops: counts the main model's decoding
+    steps (once per forward pass, in assisted decoding too)."""
+
+    def __init__(self) -> None:
+        self.passes = 0
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        self.passes += 1
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class _QuietDraftConfig(logging.Filter):
+    """Drops the deprecation notice transformers' own candidate generator triggers on
+    every assisted-generation call (it passes generation_config and kwargs together)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passing `generation_config` together with")
+
+
+_QUIET_DRAFT = _QuietDraftConfig()
+
+
+def _early_exit_supported(model: Any) -> bool:
+    """Whether the base model's forward runs `layers[: config.num_hidden_layers]`
+    (what transformers' assistant_early_exit relies on)."""
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if base is None or not hasattr(base, "layers"):
+        return False
+    try:
+        return "num_hidden_layers" in inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return False
 
 
 class _DeltaStreamer:
@@ -125,6 +197,8 @@ class LocalBackend(Backend):
         quantization: str = "none",
         speculative: str = "none",
         speculative_tokens: int = 10,
+        draft_model: str | None = None,
+        draft_layers: int | None = None,
     ):
         """`prefix_cache_mb`: memory for cached prompt prefixes (KV), 0 turns
         the prefix cache off, None picks by device: 256 MB on CPU, off on a GPU
@@ -133,12 +207,25 @@ class LocalBackend(Backend):
         are not cached; `quantization`: a `backends.quantize` mode ('none',
         'int8', 'int8-dynamic', 'int4', 'fp8') applied to the loaded weights;
         `speculative`: 'prompt_lookup' turns on prompt-lookup decoding for greedy
-        calls (see the module doc), drafting up to `speculative_tokens` per step."""
+        calls (see the module doc), drafting up to `speculative_tokens` per step;
+        'draft' drafts with `draft_model` (loaded like `model`, same device and
+        dtype) or, when None, with the main model's first `draft_layers` layers
+        (None: 90% of them)."""
         if speculative not in SPECULATIVE_MODES:
             raise InputError("speculative", f"must be one of {SPECULATIVE_MODES}, got {speculative!r}")
         if not isinstance(speculative_tokens, int) or speculative_tokens < 1:
             raise InputError("speculative_tokens",
                              f"must be an int >= 1, got {speculative_tokens!r}")
+        if draft_model is not None and (not isinstance(draft_model, str) or not draft_model):
+            raise InputError("draft_model", f"must be a model name or path, got {draft_model!r}")
+        if draft_layers is not None and (not isinstance(draft_layers, int)
+                                         or isinstance(draft_layers, bool) or draft_layers < 1):
+            raise InputError("draft_layers", f"must be an int >= 1 or None, got {draft_layers!r}")
+        if speculative != "draft" and (draft_model is not None or draft_layers is not None):
+            raise InputError("draft_model" if draft_model is not None else "draft_layers",
+                             f"needs speculative='draft', got speculative={speculative!r}")
+        if draft_model is not None and draft_layers is not None:
+            raise InputError("draft_layers", "applies to the self-draft only (draft_model=None)")
         self.speculative = speculative
         self.speculative_tokens = speculative_tokens
         self.loaded = loaded or load_model(model, device=device, dtype=dtype, cache_dir=cache_dir,
@@ -151,7 +238,12 @@ class LocalBackend(Backend):
         self.context_window = min(window, max_context_tokens or window)
         self.default_max_tokens = default_max_tokens
         self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size)
-        self._lock = threading.Lock()  # one generate at a time on this model
+        self._lock = _model_lock(self.model)  # one generate at a time on this model
+        self.draft: LoadedModel | None = None  # speculative="draft" with a draft_model
+        self.draft_layers: int | None = None  # speculative="draft", self-draft
+        self._draft_same_tokenizer = True
+        if speculative == "draft":
+            self._init_draft(draft_model, draft_layers, device, dtype, cache_dir)
         if prefix_cache_mb is None:
             prefix_cache_mb = 256 if str(self.model.device).startswith("cpu") else 0
         self.prefix_cache: PrefixCache | None = (
@@ -163,6 +255,42 @@ class LocalBackend(Backend):
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._logits_to_keep = "logits_to_keep" in params
         self._prefix_token_ids = lru_cache(maxsize=64)(self._prefix_token_ids_uncached)
+
+    def _init_draft(self, draft_model: str | None, draft_layers: int | None, device: str,
+                    dtype: str, cache_dir: str | None) -> None:
+        logging.getLogger("transformers.generation.utils").addFilter(_QUIET_DRAFT)  # once: a set
+        if draft_model is None:
+            n = int(getattr(self.model.config, "num_hidden_layers", 0) or 0)
+            if n < 2 or not _early_exit_supported(self.model):
+                raise InputError("draft_layers", f"model {self.model_name!r} does not support a "
+                                 "self-draft (early exit); set draft_model")
+            layers = draft_layers or max(1, min(n - 1, round(DRAFT_LAYERS_FRACTION * n)))
+            if layers >= n:
+                raise InputError("draft_layers", f"must be below the model's {n} layers "
+                                 f"(a draft as deep as the model saves nothing), got {layers}")
+            self.draft_layers = layers
+            return
+        try:
+            self.draft = load_model(draft_model, device=device, dtype=dtype, cache_dir=cache_dir)
+        except ModelNotFound as e:
+            raise ModelNotFound(f"draft_model: {e}") from None
+        if str(self.draft.model.device) != str(self.model.device):
+            raise InputError("draft_model", f"loads on {self.draft.model.device}, the main "
+                             f"model on {self.model.device}; give the same device")
+        self._draft_same_tokenizer = self.draft.tokenizer.get_vocab() == self.tokenizer.get_vocab()
+
+    def _draft_kwargs(self) -> dict[str, Any]:
+        """generate() kwargs for speculative='draft' (under the model lock)."""
+        assistant = self.model if self.draft is None else self.draft.model
+        config = assistant.generation_config  # what transformers' candidate generator reads
+        config.num_assistant_tokens = self.speculative_tokens
+        config.num_assistant_tokens_schedule = "heuristic_transient"  # adapt within a call only
+        if self.draft is None:
+            return {"assistant_early_exit": self.draft_layers}
+        kwargs: dict[str, Any] = {"assistant_model": assistant}
+        if not self._draft_same_tokenizer:
+            kwargs.update(tokenizer=self.tokenizer, assistant_tokenizer=self.draft.tokenizer)
+        return kwargs
 
     # -- prompt
 
@@ -222,8 +350,15 @@ class LocalBackend(Backend):
     def generate(self, calls: Sequence[Call]) -> list[Reply]:
         return [self._generate_one(c) for c in calls]
 
+    def generate_scored(self, call: Call) -> tuple[Reply, list[float]]:
+        """One call, plus the probability the model gave each token it chose (its own
+        softmax over the raw logits, before temperature / top_p / grammar)."""
+        probs: list[float] = []
+        return self._generate_one(call, probs=probs), probs
+
     def speculative_skip(self, call: Call) -> str | None:
-        """Why prompt lookup can't serve `call` (plain decoding then), or None when it can."""
+        """Why speculative decoding (prompt lookup or a draft) can't serve `call`
+        (plain decoding then), or None when it can."""
         p = call.params
         if p.temperature > 0:
             return "sampled"
@@ -235,8 +370,9 @@ class LocalBackend(Backend):
             return "stateful_model"
         return None
 
-    def _generate_one(self, call: Call) -> Reply:
+    def _generate_one(self, call: Call, probs: list[float] | None = None) -> Reply:
         import torch
+        from transformers import StoppingCriteriaList
 
         t0 = time.perf_counter()
         p = call.params
@@ -272,11 +408,16 @@ class LocalBackend(Backend):
             streamer = _DeltaStreamer(self.tokenizer, call.on_delta, markers)
             kwargs["streamer"] = streamer
         spec_trace: dict[str, Any] = {}
-        if self.speculative == "prompt_lookup":
+        passes: _PassCounter | None = None
+        if self.speculative != "none":
             skip = self.speculative_skip(call)
             if skip is None:
-                kwargs["prompt_lookup_num_tokens"] = self.speculative_tokens
-                spec_trace["speculative"] = "prompt_lookup"
+                if self.speculative == "prompt_lookup":
+                    kwargs["prompt_lookup_num_tokens"] = self.speculative_tokens
+                else:
+                    passes = _PassCounter()
+                    kwargs["stopping_criteria"] = StoppingCriteriaList([passes])
+                spec_trace["speculative"] = self.speculative
                 if prefix is not None:
                     # transformers' assisted decoding runs its first forward pass over the
                     # whole prompt, so a prefilled cache would see the prefix twice.
@@ -300,14 +441,28 @@ class LocalBackend(Backend):
                             past = copy_cache(past)
                     if past is not None:
                         kwargs[self._cache_kw] = past  # generate prefills only the rest
+                if passes is not None:
+                    kwargs.update(self._draft_kwargs())
+                if probs is not None:
+                    kwargs.update(output_logits=True, return_dict_in_generate=True)
                 if p.seed is not None:
                     torch.manual_seed(p.seed)
                 out = self.model.generate(**enc, **kwargs)
+                if probs is not None:
+                    chosen = out.sequences[0, n_prompt:]
+                    logits = torch.cat(out.logits, dim=0)[: chosen.shape[0]].float()
+                    probs.extend(torch.softmax(logits, dim=-1)
+                                 .gather(1, chosen[:, None]).squeeze(1).tolist())
+                    out = out.sequences
             except Cancelled:
                 raise
             except Exception as e:
                 raise BackendError(f"generation failed: {type(e).__name__}: {e}") from e
-        return self._reply(call, out[0, n_prompt:].tolist(), n_prompt, t0, forced, streamer,
+        new_ids = out[0, n_prompt:].tolist()
+        if passes is not None:
+            spec_trace.update(draft_target_passes=passes.passes,
+                              draft_accepted_tokens=max(0, len(new_ids) - passes.passes))
+        return self._reply(call, new_ids, n_prompt, t0, forced, streamer,
                            prefix_cached_tokens=reused, prefix_stored_tokens=stored, **spec_trace)
 
     def _reply(self, call: Call, new_ids: list[int], n_prompt: int, t0: float,

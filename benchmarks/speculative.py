@@ -1,4 +1,4 @@
-"""Prompt-lookup decoding: tokens/s with and without it, on replies that quote their context.
+"""Speculative decoding: tokens/s with and without it (prompt lookup; a self-draft).
 
     python -m benchmarks.speculative
 
@@ -15,12 +15,18 @@ directly: the pipeline's stages would only add noise to a backend figure.
   costs a slightly wider forward pass);
 - each prompt: greedy, max_tokens=96, plain and prompt lookup alternating (which
   goes first alternates too), after one warm-up call on each;
+- draft row: `speculative="draft"` with the self-draft (the model's first
+  `draft_layers` of 30 layers, transformers' assistant_early_exit) on every
+  other prompt of each workload (to keep the run short), compared with the
+  plain runs of those same prompts; `draft_acceptance_rate`: accepted draft
+  tokens / drafted tokens (drafting passes counted by a hook in this script),
+  `draft_tokens_per_target_pass`: completion tokens / main-model passes;
 - `*_tokens_per_s_*`: completion tokens / wall time summed over the workload
   (prefill included); `*_speedup`: prompt lookup over plain;
   `*_outputs_identical`: the replies (text, token counts, finish reason) equal
   on both paths for every prompt.
 
-Writes benchmarks/results/speculative.json. Takes about 3-4 minutes on 2 CPU cores.
+Writes benchmarks/results/speculative.json. Takes about 4 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from contextwise.types import Call, Message, Params, Reply
 
 MAX_TOKENS = 96
 SPECULATIVE_TOKENS = 10
+DRAFT_EVERY = 2  # the draft row runs on prompts 0, 2, 4... of each workload
 
 ORDER = (
     '{"order_id": 4821, "customer": "Ada Lovelace", "email": "ada@example.org", '
@@ -104,22 +111,56 @@ def _same(a: Reply, b: Reply) -> bool:
             and a.finish_reason == b.finish_reason)
 
 
-def _workload(prompts: list[str], plain: LocalBackend, lookup: LocalBackend) -> dict[str, Any]:
-    seconds = {"plain": 0.0, "lookup": 0.0}
-    tokens = {"plain": 0, "lookup": 0}
-    identical = 0
+class _DraftPasses:
+    """Counts the self-draft's forward passes: calls of the model while its
+    config runs fewer layers than it has (transformers' early exit)."""
+
+    def __init__(self, model: Any):
+        self.full = model.config.num_hidden_layers
+        self.config = model.config
+        self.passes = 0
+        model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: Any, args: Any) -> None:
+        if self.config.num_hidden_layers < self.full:
+            self.passes += 1
+
+
+def _workload(prompts: list[str], plain: LocalBackend, lookup: LocalBackend,
+              draft: LocalBackend, drafts: _DraftPasses) -> dict[str, Any]:
+    seconds = {"plain": 0.0, "lookup": 0.0, "draft": 0.0, "plain_subset": 0.0}
+    tokens = {"plain": 0, "lookup": 0, "draft": 0, "plain_subset": 0}
+    identical = draft_identical = draft_prompts = 0
+    accepted = target_passes = drafted = 0
     for i, text in enumerate(prompts):
         order = [("plain", plain), ("lookup", lookup)]
+        with_draft = i % DRAFT_EVERY == 0
+        if with_draft:
+            order.append(("draft", draft))
         if i % 2:
             order.reverse()
         replies: dict[str, Reply] = {}
+        walls: dict[str, float] = {}
         for name, backend in order:
+            before = drafts.passes
             t0 = time.perf_counter()
             replies[name] = backend.generate([_call(text)])[0]
-            seconds[name] += time.perf_counter() - t0
+            walls[name] = time.perf_counter() - t0
+            seconds[name] += walls[name]
             tokens[name] += replies[name].usage.completion_tokens
+            if name == "draft":
+                drafted += drafts.passes - before
         identical += _same(replies["plain"], replies["lookup"])
         assert replies["lookup"].trace.of("backend")[-1]["speculative"] == "prompt_lookup"
+        if with_draft:
+            record = replies["draft"].trace.of("backend")[-1]
+            assert record["speculative"] == "draft"
+            accepted += record["draft_accepted_tokens"]
+            target_passes += record["draft_target_passes"]
+            draft_prompts += 1
+            draft_identical += _same(replies["plain"], replies["draft"])
+            seconds["plain_subset"] += walls["plain"]
+            tokens["plain_subset"] += replies["plain"].usage.completion_tokens
     plain_tps = tokens["plain"] / seconds["plain"]
     lookup_tps = tokens["lookup"] / seconds["lookup"]
     return {
@@ -132,6 +173,16 @@ def _workload(prompts: list[str], plain: LocalBackend, lookup: LocalBackend) -> 
         "seconds_prompt_lookup": round(seconds["lookup"], 2),
         "prompts_identical": identical,
         "outputs_identical": identical == len(prompts),
+        "draft_prompts": draft_prompts,
+        "tokens_per_s_plain_draft_prompts": round(tokens["plain_subset"]
+                                                  / seconds["plain_subset"], 2),
+        "tokens_per_s_draft": round(tokens["draft"] / seconds["draft"], 2),
+        "draft_speedup": round((tokens["draft"] / seconds["draft"])
+                               / (tokens["plain_subset"] / seconds["plain_subset"]), 3),
+        "draft_acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
+        "draft_tokens_per_target_pass": round(tokens["draft"] / target_passes, 3),
+        "draft_prompts_identical": draft_identical,
+        "draft_outputs_identical": draft_identical == draft_prompts,
     }
 
 
@@ -139,15 +190,20 @@ def main() -> dict[str, Any]:
     plain = LocalBackend(prefix_cache_mb=0)
     lookup = LocalBackend(loaded=plain.loaded, prefix_cache_mb=0, speculative="prompt_lookup",
                           speculative_tokens=SPECULATIVE_TOKENS)
-    for b in (plain, lookup):  # warm-up
+    draft = LocalBackend(loaded=plain.loaded, prefix_cache_mb=0, speculative="draft",
+                         speculative_tokens=SPECULATIVE_TOKENS)
+    drafts = _DraftPasses(plain.model)
+    for b in (plain, lookup, draft):  # warm-up
         b.generate([Call(messages=[Message(role="user", content="Hi")],
                          params=Params(max_tokens=4))])
-    quote = _workload(QUOTE, plain, lookup)
-    control = _workload(CONTROL, plain, lookup)
+    quote = _workload(QUOTE, plain, lookup, draft, drafts)
+    control = _workload(CONTROL, plain, lookup, draft, drafts)
     metrics: dict[str, Any] = {
         "model": plain.model_name,
         "max_tokens": MAX_TOKENS,
         "speculative_tokens": SPECULATIVE_TOKENS,
+        "draft_layers": draft.draft_layers,
+        "model_layers": plain.model.config.num_hidden_layers,
         **quote,
         **{f"control_{k}": v for k, v in control.items()},
     }
@@ -163,8 +219,21 @@ def main() -> dict[str, Any]:
                       f"{m['tokens_per_s_plain']:.1f}", f"{m['tokens_per_s_prompt_lookup']:.1f}",
                       f"{m['prompt_lookup_speedup']:.2f}x",
                       f"{m['prompts_identical']}/{m['prompts']}")
+    draft_table = Table(title=f"Self-draft (first {draft.draft_layers} of "
+                              f"{metrics['model_layers']} layers) vs plain greedy, same prompts")
+    for col in ("workload", "prompts", "plain tok/s", "draft tok/s", "speedup", "accept",
+                "tok/pass", "same"):
+        draft_table.add_column(col, justify="left" if col == "workload" else "right")
+    for label, m in (("quotes its context", quote), ("control (open-ended)", control)):
+        draft_table.add_row(label, str(m["draft_prompts"]),
+                            f"{m['tokens_per_s_plain_draft_prompts']:.1f}",
+                            f"{m['tokens_per_s_draft']:.1f}", f"{m['draft_speedup']:.2f}x",
+                            f"{m['draft_acceptance_rate']:.0%}",
+                            f"{m['draft_tokens_per_target_pass']:.2f}",
+                            f"{m['draft_prompts_identical']}/{m['draft_prompts']}")
     console = Console()
     console.print(table)
+    console.print(draft_table)
     console.print(f"wrote {path}")
     return metrics
 

@@ -102,12 +102,20 @@ def build_stages(
 def model_identity(policy: Policy) -> str:
     """What the cache fingerprints as "the model": anything that changes its output."""
     b = policy.backend
+    if b.cascade is not None:  # replies may be the small model's
+        from contextwise.backends import cascade_identity
+
+        return cascade_identity(b)
     return f"{b.model}|quantization={b.quantization}|dtype={b.dtype}"
 
 
 def backend_identity(backend: Backend) -> str:
     """The cache's model identity for a given backend: its `model_name`, plus its
-    weight quantization when it has one (an int8 reply is not an fp32 reply)."""
+    weight quantization when it has one (an int8 reply is not an fp32 reply); a
+    backend's own `identity` string (a cascade's) wins."""
+    identity = getattr(backend, "identity", None)
+    if isinstance(identity, str):
+        return identity
     quantization = getattr(backend, "quantization", "none")
     if quantization in (None, "none"):
         return backend.model_name

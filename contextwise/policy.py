@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from contextwise.errors import PolicyError
 
@@ -23,6 +30,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "Budget",
     "Cache",
+    "Cascade",
     "Embedding",
     "Example",
     "Local",
@@ -229,6 +237,31 @@ class Cache(_Strict):
         return v
 
 
+class Cascade(_Strict):
+    """Confidence cascade: a small (compressed) model answers first; a reply it is not
+    confident about is thrown away and the call goes to the main model."""
+
+    model: str | None = Field(
+        None, description="the small model (alias, local HF dir, .gguf file or hub id); "
+        "None: the same model as `Local.model`, compressed by `quantization`"
+    )
+    quantization: Literal["none", "int8", "int8-dynamic", "int4", "fp8"] = Field(
+        "int8", description="weight quantization of the small model (see Local.quantization)"
+    )
+    threshold: float = Field(
+        0.6, ge=0, le=1, description="a small-model reply whose confidence is at least this "
+        "is returned; below it the call escalates to the main model. 0: always accept"
+    )
+    confidence: Literal["mean_prob", "min_prob"] = Field(
+        "mean_prob",
+        description="how a reply's confidence is measured from the probability the small "
+        "model gave each token it chose (its own softmax, before sampling settings): "
+        "'mean_prob' the geometric mean over the reply (exp of the mean log-probability; "
+        "length-normalised, so one hesitant token among many confident ones does not sink "
+        "a reply), 'min_prob' the lowest one (strict: escalates on any single unsure token)",
+    )
+
+
 class Local(_Strict):
     """Serve a model in this process with transformers."""
 
@@ -254,8 +287,10 @@ class Local(_Strict):
     prefix_cache_min_tokens: int = Field(
         32, ge=1, description="a system prompt (with tools) shorter than this is not cached"
     )
-    max_batch: int = Field(
-        16, ge=1, description="dynamic batching: requests per batch at most; 1 turns the engine off"
+    max_batch: int | None = Field(
+        None, ge=1, description="dynamic batching: requests decoding together at most (the "
+        "static decoder's slots); 1 turns the engine off; None: 16 on CPU, 256 on a CUDA "
+        "device (an H100 ran 256 concurrent requests at 11x plain generate's tokens/s)"
     )
     max_wait_ms: float = Field(
         5, ge=0, description="how long a batch waits for more requests after the first"
@@ -263,17 +298,69 @@ class Local(_Strict):
     max_queue: int = Field(
         256, ge=1, description="requests waiting at most; then calls fail with Overloaded"
     )
-    speculative: Literal["none", "prompt_lookup"] = Field(
+    static_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="continuous batching on a preallocated (static) KV cache, each decode "
+        "step one CUDA graph replay on a GPU: 'auto' on CUDA for llama/mistral/qwen2 models, "
+        "'on' on CPU too (no graphs there), 'off' padded transformers generate. Needs "
+        "max_batch > 1 (the engine); grammar-constrained and seeded calls keep the "
+        "single-request path",
+    )
+    decode_steps: int = Field(
+        8, ge=1, le=64, description="static decoding: greedy tokens per graph replay (the "
+        "chosen token is fed back on the device; rows that end early drop the rest)"
+    )
+    cuda_graphs: bool = Field(True, description="static decoding: capture decode steps as "
+                              "CUDA graphs (False: launch each kernel, to debug)")
+    compile_decode: bool = Field(
+        False, description="static decoding: torch.compile (inductor) the decode layer "
+        "before graph capture, fusing its small ops (one compile, shapes symbolic; the "
+        "first request waits for it: tens of seconds). Plain float weights only"
+    )
+    kv_cache_mb: float | None = Field(
+        None, gt=0, description="static decoding: memory for the KV cache slots (each holds "
+        "one sequence of up to min(context window, 4096) tokens); None: 30% of the free "
+        "GPU memory, 512 MB on CPU. Slots = min(max_batch, what fits)"
+    )
+    speculative: Literal["none", "prompt_lookup", "draft"] = Field(
         "none",
         description="lossless speculative decoding on the single-request path: "
         "'prompt_lookup' drafts tokens by copying what followed the last n-gram where it "
         "occurs earlier in the prompt, and the model checks the draft in one forward pass "
         "(greedy output unchanged). Helps replies that quote their context (RAG, tool "
-        "results, rewrites); used only for greedy, unconstrained calls without stop strings",
+        "results, rewrites). 'draft' drafts with a smaller model (`draft_model`) or, "
+        "without one, with the main model's first `draft_layers` layers (early exit, no "
+        "new weights), checked the same way. Used only for greedy, unconstrained calls "
+        "without stop strings",
     )
     speculative_tokens: int = Field(
-        10, ge=1, description="prompt lookup: draft tokens copied per step at most"
+        10, ge=1, description="prompt lookup / draft: draft tokens per step at most"
     )
+    draft_model: str | None = Field(
+        None, description="speculative='draft': the draft model (alias, local HF dir, .gguf "
+        "file or hub id; a different tokenizer works, more slowly); None: self-draft"
+    )
+    draft_layers: int | None = Field(
+        None, ge=1, description="self-draft: decoder layers the draft runs (the main model's "
+        "first ones, then its final norm and head); None: 90% of the model's layers"
+    )
+    cascade: Cascade | None = Field(
+        None, description="confidence cascade: a small model answers first, the main model "
+        "only when the small one is unsure; None: off"
+    )
+
+    @model_validator(mode="after")
+    def _draft_and_cascade(self) -> Local:
+        if self.speculative != "draft" and (self.draft_model or self.draft_layers):
+            raise ValueError("draft_model / draft_layers need speculative='draft'")
+        if self.draft_model is not None and self.draft_layers is not None:
+            raise ValueError("draft_layers applies to the self-draft only (draft_model=None)")
+        c = self.cascade
+        if c is not None and (c.model or self.model) == self.model \
+                and c.quantization == self.quantization:
+            raise ValueError("cascade: the small model is the main model itself (same model "
+                             "and quantization); set cascade.model or cascade.quantization")
+        return self
 
 
 class Storage(_Strict):

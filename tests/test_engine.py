@@ -181,7 +181,7 @@ def test_policy_turns_the_engine_on_and_off(monkeypatch: pytest.MonkeyPatch) -> 
     from contextwise.policy import Budget, Local, Policy
 
     assert (Policy().backend.max_batch, Policy().backend.max_wait_ms,
-            Policy().backend.max_queue) == (16, 5, 256)
+            Policy().backend.max_queue) == (None, 5, 256)
     for bad in ({"max_batch": 0}, {"max_wait_ms": -1}, {"max_queue": 0}):
         with pytest.raises(ValueError):
             Local(**bad)
@@ -190,6 +190,11 @@ def test_policy_turns_the_engine_on_and_off(monkeypatch: pytest.MonkeyPatch) -> 
     assert isinstance(engine, BatchingEngine) and isinstance(engine.backend, FakeBackend)
     assert (engine.max_batch, engine.max_wait_s, engine.max_queue) == (4, 0.002, 8)
     assert isinstance(build_backend(Local(max_batch=1), Budget()), FakeBackend)
+    import torch
+
+    default = build_backend(Local(), Budget())  # None: by device
+    assert default.max_batch == (256 if torch.cuda.is_available() else 16)
+    assert build_backend(Local(device="cpu"), Budget()).max_batch == 16
 
 
 # --------------------------------------------------------------------------- the real model

@@ -171,3 +171,123 @@ def test_the_policy_reaches_the_backend() -> None:
         assert engine.backend.speculative_tokens == 4
     finally:
         engine.close()
+
+
+# -- draft-model assisted generation (speculative="draft")
+
+
+def test_draft_policy_fields_validate() -> None:
+    spec = Local(speculative="draft")
+    assert spec.draft_model is None and spec.draft_layers is None
+    assert Local(speculative="draft", draft_layers=12).draft_layers == 12
+    with pytest.raises(ValidationError, match="draft_layers"):
+        Local(speculative="draft", draft_layers=0)
+    with pytest.raises(ValidationError, match="speculative='draft'"):
+        Local(draft_layers=12)  # without speculative="draft"
+    with pytest.raises(ValidationError, match="self-draft only"):
+        Local(speculative="draft", draft_model="smollm2-135m-instruct", draft_layers=4)
+
+
+def test_backend_rejects_bad_draft_args_before_loading() -> None:
+    with pytest.raises(InputError, match="draft_layers: must be an int >= 1"):
+        LocalBackend(model="no-such-model", speculative="draft", draft_layers=0)
+    with pytest.raises(InputError, match="draft_model: needs speculative='draft'"):
+        LocalBackend(model="no-such-model", draft_model="smollm2-135m-instruct")
+    with pytest.raises(InputError, match="draft_model"):
+        LocalBackend(model="no-such-model", speculative="draft", draft_model="")
+
+
+@pytest.fixture(scope="module")
+def self_draft(plain: LocalBackend) -> LocalBackend:
+    return LocalBackend(loaded=plain.loaded, prefix_cache_mb=0, speculative="draft",
+                        speculative_tokens=6)
+
+
+DRAFT_PROMPTS = ["repeat_json", "open_question", "extract_sentence"]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", DRAFT_PROMPTS)
+def test_self_draft_greedy_output_is_unchanged(plain: LocalBackend, self_draft: LocalBackend,
+                                               name: str) -> None:
+    base = plain.generate([call(PROMPTS[name])])[0]
+    fast = self_draft.generate([call(PROMPTS[name])])[0]
+    assert fast.message.content == base.message.content
+    assert fast.usage == base.usage
+    assert fast.finish_reason == base.finish_reason
+    record = backend_record(fast)
+    assert record["speculative"] == "draft"
+    passes, accepted = record["draft_target_passes"], record["draft_accepted_tokens"]
+    assert 1 <= passes <= fast.usage.completion_tokens
+    assert accepted == fast.usage.completion_tokens - passes
+
+
+@pytest.mark.model
+def test_self_draft_defaults_to_most_layers_and_rejects_the_whole_model(
+        plain: LocalBackend, self_draft: LocalBackend) -> None:
+    n = plain.model.config.num_hidden_layers
+    assert self_draft.draft_layers == round(0.9 * n) < n
+    assert plain.model.config.num_hidden_layers == n  # restored after drafting
+    with pytest.raises(InputError, match=f"draft_layers: must be below the model's {n} layers"):
+        LocalBackend(loaded=plain.loaded, speculative="draft", draft_layers=n)
+
+
+@pytest.mark.model
+def test_an_unknown_draft_model_names_the_field(plain: LocalBackend) -> None:
+    from contextwise.errors import ModelNotFound
+
+    with pytest.raises(ModelNotFound, match="draft_model: '/no/such/draft' is neither"):
+        LocalBackend(loaded=plain.loaded, speculative="draft", draft_model="/no/such/draft")
+
+
+@pytest.mark.model
+def test_a_separate_draft_model_is_lossless(plain: LocalBackend) -> None:
+    # the same checkpoint as its own draft (int8 would be a second copy): every draft
+    # token is accepted, so passes are few; the output is still the plain one
+    drafted = LocalBackend(loaded=plain.loaded, prefix_cache_mb=0, speculative="draft",
+                           draft_model="smollm2-135m-instruct", speculative_tokens=4)
+    assert drafted.draft is not None and drafted.draft_layers is None
+    base = plain.generate([call(PROMPTS["open_question"], max_tokens=16)])[0]
+    fast = drafted.generate([call(PROMPTS["open_question"], max_tokens=16)])[0]
+    assert fast.message.content == base.message.content
+    record = backend_record(fast)
+    assert record["speculative"] == "draft"
+    assert record["draft_accepted_tokens"] > 0
+
+
+@pytest.mark.model
+@pytest.mark.parametrize(("params", "reason"), [
+    ({"temperature": 0.7, "seed": 1}, "sampled"),
+    ({"stop": ["London"]}, "stop_strings"),
+])
+def test_draft_skips_what_prompt_lookup_skips(self_draft: LocalBackend, params: dict[str, Any],
+                                              reason: str) -> None:
+    fast = self_draft.generate([call(PROMPTS["repeat_json"], max_tokens=8, **params)])[0]
+    record = backend_record(fast)
+    assert record["speculative"] == "none" and record["speculative_skipped"] == reason
+    assert "draft_target_passes" not in record
+
+
+@pytest.mark.model
+def test_streaming_with_a_self_draft_adds_up(self_draft: LocalBackend) -> None:
+    deltas: list[str] = []
+    c = call(PROMPTS["open_question"], max_tokens=16)
+    c.on_delta = deltas.append
+    reply = self_draft.generate([c])[0]
+    assert backend_record(reply)["speculative"] == "draft"
+    assert "".join(deltas) == reply.message.content
+
+
+@pytest.mark.model
+def test_the_draft_policy_reaches_the_backend() -> None:
+    from contextwise.backends import build_backend
+
+    from contextwise.policy import Budget
+
+    backend = build_backend(Local(speculative="draft", draft_layers=20, speculative_tokens=4,
+                                  max_batch=1), Budget())
+    assert isinstance(backend, LocalBackend)
+    assert (backend.speculative, backend.draft_layers, backend.speculative_tokens) == (
+        "draft", 20, 4)
+    reply = backend.generate([call(PROMPTS["open_question"], max_tokens=8)])[0]
+    assert backend_record(reply)["speculative"] == "draft"

@@ -1,0 +1,227 @@
+"""Continuous batching on a `StaticDecoder`: requests join and leave between decode chunks.
+
+The batching engine hands its batchable requests (greedy, or sampled without a
+seed; no grammar) here when static decoding is on. Each request gets a cache
+slot and is prefilled (several at once, right-padded); then all active slots
+decode together, `decode_steps` tokens per chunk when every row is greedy (one
+CUDA graph replay on a GPU) or one token when a row samples. After each chunk
+finished rows hand back their Reply at once and free their slot, and requests
+that arrived meanwhile are admitted, so a long reply never holds the others
+back and new requests do not wait for the batch to drain.
+
+Per row: its own max_tokens, stop strings, EOS, stream (`on_delta`, held back
+like the single path so deltas add up to the final text) and cancellation
+(its `on_delta` raising stops that row only). Tokens a chunk decodes past a
+row's end are dropped. Greedy output equals the single path's except where
+batching changes float rounding enough to flip a near-tie (in float32 on CPU
+the tests see identical tokens).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from contextwise.backends.static_decode import StaticDecoder
+
+if TYPE_CHECKING:
+    from contextwise.backends.engine import _Request
+
+__all__ = ["ContinuousRunner"]
+
+_PREFILL_TOKENS = 16384  # padded prompt tokens per prefill pass at most (activation memory)
+
+
+@dataclass(eq=False)
+class _Active:
+    req: _Request
+    slot: int
+    ids: list[int]
+    max_new: int
+    stop: tuple[str, ...] | None
+    streamer: Any
+    temperature: float
+    top_p: float
+    min_new: int = 0  # generation_config.min_new_tokens: EOS masked until this many
+    new: list[int] = field(default_factory=list)
+    pos: int = 0  # position of the last token (the next step's input)
+    done: bool = False
+    error: BaseException | None = None
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.ids)
+
+
+class ContinuousRunner:
+    """Slots, admission and the decode loop for one `StaticDecoder`.
+
+    A row's `min_new` is the model's generation_config.min_new_tokens when it was
+    admitted (the benchmarks set it to make every reply the same length): EOS is
+    masked until the row has that many tokens, as transformers does.
+    `make_row(req, slot)` builds an `_Active` for a request (the engine knows the
+    streamer and params); `complete(row, batch_size)` hands a finished row its
+    Reply; `poll(limit)` returns up to `limit` newly queued batchable requests
+    without waiting (it runs the others itself)."""
+
+    def __init__(self, decoder: StaticDecoder, eos: int, steps: int,
+                 make_row: Callable[[Any, int], _Active],
+                 complete: Callable[[_Active, int], None],
+                 poll: Callable[[int], list[Any]],
+                 decode_text: Callable[[list[int]], str]):
+        self.decoder = decoder
+        self.eos = eos
+        self.steps = max(1, int(steps))
+        self.make_row = make_row
+        self.complete = complete
+        self.poll = poll
+        self.decode_text = decode_text
+        self.free = list(range(decoder.slots))  # a heap: the lowest slots first, small buckets
+        self.active: dict[int, _Active] = {}
+        self.stats: dict[str, Any] = {"chunks": 0, "tokens": 0, "admitted": 0,
+                                      "largest_active": 0, "prefill_s": 0.0, "decode_s": 0.0}
+
+    def fits(self, n_prompt: int, max_new: int) -> bool:
+        return n_prompt + max_new <= self.decoder.max_len
+
+    def run(self, reqs: list[Any]) -> None:
+        """Serve `reqs` and whatever batchable arrives while they run, until no slot is busy."""
+        pending: deque[Any] = deque(reqs)
+        while pending or self.active:
+            self._admit(pending)
+            if self.active:
+                self._chunk()
+            if self.free:
+                pending.extend(self.poll(len(self.free) - len(pending)))
+
+    # -- admission
+
+    def _admit(self, pending: deque[Any]) -> None:
+        rows: list[_Active] = []
+        while pending and self.free:
+            req = pending.popleft()
+            slot = heapq.heappop(self.free)
+            rows.append(self.make_row(req, slot))
+        if not rows:
+            return
+        self.stats["admitted"] += len(rows)
+        rows.sort(key=lambda r: r.n_prompt)  # similar lengths share a pass: less padding
+        group: list[_Active] = []
+        for row in rows:
+            if group and (len(group) + 1) * row.n_prompt > _PREFILL_TOKENS:
+                self._prefill(group)
+                group = []
+            group.append(row)
+        self._prefill(group)
+
+    def _prefill(self, rows: list[_Active]) -> None:
+        t0 = time.perf_counter()
+        try:
+            logits = self.decoder.prefill([r.slot for r in rows], [r.ids for r in rows])
+        except Exception as e:  # noqa: BLE001  (these callers get it; the others go on)
+            for r in rows:
+                r.error = e
+                self._finish(r)
+            return
+        banned = [i for i, r in enumerate(rows) if r.min_new > 0]
+        if banned and self.eos is not None:
+            logits = logits.clone()  # an inference tensor, made outside inference mode
+            logits[banned, self.eos] = float("-inf")  # min_new_tokens, as transformers
+        first = self._choose(rows, logits)
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        for r, token in zip(rows, first, strict=True):
+            self.active[r.slot] = r
+            r.pos = r.n_prompt
+            self._take(r, token)
+        self.stats["largest_active"] = max(self.stats["largest_active"], len(self.active))
+
+    # -- decoding
+
+    def _chunk(self) -> None:
+        n = max(self.active) + 1
+        tokens = [0] * n
+        pos = [0] * n
+        ban = [0] * n
+        for slot, r in self.active.items():
+            tokens[slot] = r.new[-1]
+            pos[slot] = r.pos
+            ban[slot] = max(0, r.min_new - len(r.new))
+        greedy = all(r.temperature <= 0 for r in self.active.values())
+        steps = self.steps if greedy else 1
+        t0 = time.perf_counter()
+        out, logits = self.decoder.decode(n, tokens, pos, steps=steps,
+                                          ban_eos=ban if any(ban) else None)
+        self.stats["decode_s"] += time.perf_counter() - t0  # the host waits for the tokens
+        self.stats["chunks"] += 1
+        rows = list(self.active.values())
+        if greedy:
+            chosen = out.tolist()
+            for r in rows:
+                for token in chosen[r.slot]:
+                    r.pos += 1
+                    if self._take(r, token):
+                        break
+        else:
+            picks = self._choose(rows, logits[[r.slot for r in rows]])
+            for r, token in zip(rows, picks, strict=True):
+                r.pos += 1
+                self._take(r, token)
+
+    def _choose(self, rows: list[_Active], logits: Any) -> list[int]:
+        """The next token of each row from its logits: argmax, or a sample for sampled rows."""
+        import torch
+
+        picks = logits.argmax(-1)
+        sampled = [i for i, r in enumerate(rows) if r.temperature > 0]
+        if sampled:
+            idx = torch.tensor(sampled, device=logits.device)
+            temps = torch.tensor([rows[i].temperature for i in sampled],
+                                 device=logits.device, dtype=logits.dtype)
+            top_p = torch.tensor([rows[i].top_p for i in sampled], device=logits.device,
+                                 dtype=logits.dtype)
+            picks[idx] = _sample(logits[idx] / temps[:, None], top_p)
+        return picks.tolist()
+
+    def _take(self, r: _Active, token: int) -> bool:
+        """Append `token` to row `r`; finish the row when it ends. True when it did."""
+        if r.done:
+            return True
+        r.new.append(token)
+        self.stats["tokens"] += 1
+        stop = token == self.eos or len(r.new) >= r.max_new
+        if not stop and r.stop is not None:
+            text = self.decode_text(r.new)
+            stop = any(s in text for s in r.stop)
+        if r.streamer is not None:
+            try:
+                import torch
+
+                r.streamer.put(torch.tensor([token]))
+            except Exception as e:  # noqa: BLE001  (Cancelled: the caller stopped listening)
+                r.error, stop = e, True
+        if stop:
+            self._finish(r)
+        return stop
+
+    def _finish(self, r: _Active) -> None:
+        r.done = True
+        if self.active.get(r.slot) is r:
+            del self.active[r.slot]
+        heapq.heappush(self.free, r.slot)
+        self.complete(r, len(self.active) + 1)
+
+
+def _sample(logits: Any, top_p: Any) -> Any:
+    """One token per row from temperature-scaled `logits`, nucleus-filtered at `top_p`."""
+    import torch
+
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep = (sorted_p.cumsum(-1) - sorted_p) < top_p[:, None].float()  # the top token always stays
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1)
+    return order.gather(-1, choice)[:, 0]

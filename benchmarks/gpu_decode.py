@@ -1,0 +1,287 @@
+"""Static decoding on a GPU: CUDA graphs and continuous batching against plain `generate`.
+
+    python -m benchmarks.gpu_decode --config-dir DIR [--out DIR] [--compile] [--budget-s 420]
+
+Like benchmarks/gpu_check.py it builds the embedded model's architecture
+(SmolLM2-135M's config.json and real tokenizer) with random bf16 weights,
+because the GGUF cannot travel to the device machine: the speed figures have
+the real model's shapes, the equality checks compare code paths on the same
+weights. Every request generates exactly `--new-tokens` tokens (the model's
+generation_config.min_new_tokens, which both paths honour). In one process:
+
+1. baseline: plain `model.generate`, batch 1, greedy (`plain_bs1_tok_s`), and
+   one left-padded `generate` of all N requests (`plain_256_tok_s`);
+2. contender: the batching engine with `static_decode="on"` (static KV cache,
+   decode steps replayed as CUDA graphs, `decode_steps` greedy tokens per
+   replay): one request (`gpu_bs1_tok_s`) and N concurrent callers
+   (`gpu_256_tok_s`, latency p50/p95), after a warm-up that captures the graphs;
+3. the decoder alone at batch 1 with 1 and 8 steps per replay, and without graphs;
+4. greedy equality of the static engine against the single-request path, in
+   bf16 and in fp32;
+5. optional (--compile, time permitting): the same with the decode step
+   compiled by torch.compile (inductor) before capture; int8 weights.
+
+Writes gpu_decode.json (flat keys, the card named) to --out after every phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-dir", required=True, type=Path)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile the step")
+    parser.add_argument("--no-int8", dest="int8", action="store_false",
+                        help="skip the int8-weights row")
+    parser.add_argument("--budget-s", type=float, default=420,
+                        help="optional phases start only before this many seconds")
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+    from contextwise.backends.engine import BatchingEngine
+    from contextwise.backends.loading import load_model
+    from contextwise.backends.local import LocalBackend
+    from contextwise.backends.static_decode import StaticDecoder
+    from transformers.utils import logging as hf_logging
+
+    from benchmarks import backend as bb
+    from benchmarks.gpu_check import random_model_dir
+
+    hf_logging.disable_progress_bar()
+    t_start = time.perf_counter()
+    gpu = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    new = args.new_tokens
+    n = args.requests
+    out: dict[str, Any] = {
+        "gpu_card": torch.cuda.get_device_name(0) if gpu else "cpu (dry run)",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "dtype": "bfloat16", "weights": "random (SmolLM2-135M architecture and tokenizer)",
+        "new_tokens_per_request": new, "concurrent_requests": n,
+    }
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+
+    def save() -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_decode.json").write_text(json.dumps(out, indent=2) + "\n")
+
+    def engine_for(backend: LocalBackend, batch: int, **kw: Any) -> BatchingEngine:
+        return BatchingEngine(backend, max_batch=batch, max_wait_ms=20, max_queue=4 * n,
+                              static_decode="on", **kw)
+
+    folder = random_model_dir(args.config_dir, Path("/tmp/cw-random-model"))
+    loaded = load_model(str(folder), device=args.device, dtype="bfloat16")
+    plain = LocalBackend(loaded=loaded, prefix_cache_mb=0)
+    model = loaded.model
+    questions = [bb.QUESTIONS[i % len(bb.QUESTIONS)] + f" (request {i})" for i in range(n)]
+    log("model loaded")
+
+    enc = decode_speed(plain, questions, new, out, log, save, engine_for)
+
+    # 3. the decoder alone at batch 1: steps per replay, graphs on/off
+    prompt = enc[0]
+    for graphs, steps, count in ((True, 8, new), (True, 1, new), (False, 1, 16)):
+        dec = StaticDecoder(model, slots=1, max_len=1024, cuda_graphs=graphs)
+        for timed in (False, True):  # the first round captures
+            first = int(dec.prefill([0], [prompt])[0].argmax())
+            pos, token, made = len(prompt), first, 0
+            sync()
+            t0 = time.perf_counter()
+            while made < count:
+                toks, _ = dec.decode(1, [token], [pos], steps=steps)
+                token, pos, made = int(toks[0, -1]), pos + steps, made + steps
+            sync()
+        key = f"decoder_bs1_{'graph' if graphs else 'eager'}_steps{steps}_tok_s"
+        out[key] = round(made / (time.perf_counter() - t0), 1)
+        log(f"{key}: {out[key]}")
+        del dec
+    save()
+
+    # 3b. where a decode step's GPU time goes: kernels of eager steps (no graph), top 12
+    if gpu:
+        try:
+            for compiled in (False, True) if args.compile else (False,):
+                profile_steps(out, args.out, model, prompt, n, log, compiled)
+        except Exception as e:  # noqa: BLE001  (a figure lost, not the run)
+            out["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        save()
+
+    # 4. greedy equality, static engine against the single-request path
+    few = questions[:8]
+    for dtype, lb in (("bfloat16", plain), ("float32", None)):
+        if lb is None:
+            lb = LocalBackend(loaded=load_model(str(folder), device=args.device, dtype=dtype),
+                              prefix_cache_mb=0)
+        seq = [lb.generate([bb.chat(q, 32)])[0].text for q in few]
+        for compiled in (False, True) if args.compile else (False,):
+            eng = engine_for(lb, len(few), compile_decode=compiled)
+            got, _, _ = bb.concurrent(eng, few, 32, check=False)
+            eng.close()
+            same = sum(a == b for a, b in zip(seq, got, strict=True))
+            key = f"static{'_compiled' if compiled else ''}_greedy_identical_{dtype}"
+            out[key] = f"{same}/{len(few)}"
+            log(f"{key}: {same}/{len(few)}")
+    save()
+
+    # 5. optional: compiled decode step; int8 weights
+    if args.compile and time.perf_counter() - t_start < args.budget_s:
+        with bb.min_new_tokens(model, new):
+            for batch, qs, key in ((1, questions[:1], "gpu_bs1_tok_s_compiled"),
+                                   (n, questions, "gpu_256_tok_s_compiled")):
+                if time.perf_counter() - t_start > args.budget_s:
+                    break
+                eng = engine_for(plain, batch, compile_decode=True,
+                                 kv_cache_mb=1024 if batch == 1 else None)
+                t0 = time.perf_counter()
+                bb.concurrent(eng, qs, new)  # warm-up: compiles and captures
+                out[f"{key}_warmup_s"] = round(time.perf_counter() - t0, 1)
+                sync()
+                _, _, secs = bb.concurrent(eng, qs, new)
+                out[key] = round(len(qs) * new / secs, 1)
+                eng.close()
+                log(f"{key}: {out[key]} (warm-up {out[f'{key}_warmup_s']} s)")
+                save()
+    if args.int8 and time.perf_counter() - t_start < args.budget_s:
+        try:
+            q8 = LocalBackend(loaded=load_model(str(folder), device=args.device,
+                                                dtype="bfloat16", quantization="int8"),
+                              prefix_cache_mb=0)
+            with bb.min_new_tokens(q8.model, new):
+                eng = engine_for(q8, 1, kv_cache_mb=1024)
+                bb.concurrent(eng, questions[:1], new)
+                _, _, secs = bb.concurrent(eng, questions[:1], new)
+                eng.close()
+            out["gpu_bs1_tok_s_int8"] = round(new / secs, 1)
+            log(f"static engine bs1 int8: {out['gpu_bs1_tok_s_int8']} tok/s")
+        except Exception as e:  # noqa: BLE001  (record it, keep the rest)
+            out["int8_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if gpu:
+        out["gpu_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    out["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    save()
+    print(json.dumps(out, indent=2))
+
+
+def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any], log: Any,
+                 save: Any, engine_for: Any) -> list[list[int]]:
+    """Baselines (plain generate at batch 1 and one padded generate of all requests) and
+    the static engine (one request; all of them concurrently) into `out`; returns the
+    requests' prompt ids."""
+    import torch
+
+    from benchmarks import backend as bb
+
+    model, tok = plain.model, plain.tokenizer
+    n = len(questions)
+    gpu = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+
+    # 1. baselines: plain generate at batch 1 (few tokens: it is slow)
+    bb.plain_generate(plain, questions[:1], 4, check=False)
+    base_new = min(new, 32)
+    with bb.min_new_tokens(model, base_new):
+        _, _, secs = bb.plain_generate(plain, questions[:1], base_new)
+    out["plain_bs1_tok_s"] = round(base_new / secs, 1)
+    log(f"plain generate bs1: {out['plain_bs1_tok_s']} tok/s")
+    save()
+
+    # 2. the static engine: batch 1, then n concurrent callers
+    with bb.min_new_tokens(model, new):
+        eng = engine_for(plain, 1, kv_cache_mb=1024)
+        bb.concurrent(eng, questions[:1], new)  # warm-up: captures the graphs
+        sync()
+        _, _, secs = bb.concurrent(eng, questions[:1], new)
+        out["gpu_bs1_tok_s"] = round(new / secs, 1)
+        out["gpu_bs1_stats"] = eng.stats().get("static")
+        eng.close()
+        log(f"static engine bs1: {out['gpu_bs1_tok_s']} tok/s")
+        save()
+        eng = engine_for(plain, n)
+        bb.concurrent(eng, questions, new)  # warm-up
+        sync()
+        _, lat, secs = bb.concurrent(eng, questions, new)
+        out.update({
+            "gpu_256_tok_s": round(n * new / secs, 1),
+            "gpu_256_latency_p50_s": round(statistics.median(lat), 3),
+            "gpu_256_latency_p95_s": round(bb.percentile(lat, 95), 3),
+            "gpu_256_stats": eng.stats().get("static"),
+        })
+        eng.close()
+        del eng
+        log(f"static engine {n} concurrent: {out['gpu_256_tok_s']} tok/s")
+        save()
+
+        # the baseline for n: one left-padded generate of all n prompts
+        enc = [tok(plain.render(bb.chat(q)), add_special_tokens=False)["input_ids"]
+               for q in questions]
+        width = max(map(len, enc))
+        pad = tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=model.device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc],
+                            device=model.device)
+        with torch.inference_mode():
+            model.generate(input_ids=ids[:8], attention_mask=mask[:8], max_new_tokens=4,
+                           do_sample=False, pad_token_id=pad)
+            sync()
+            t0 = time.perf_counter()
+            res = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                                 do_sample=False, pad_token_id=pad)
+            sync()
+        secs = time.perf_counter() - t0
+        assert res.shape[1] - width == new
+    out["plain_256_tok_s"] = round(n * new / secs, 1)
+    out["gpu_256_speedup"] = round(out["gpu_256_tok_s"] / out["plain_256_tok_s"], 2)
+    out["gpu_bs1_speedup"] = round(out["gpu_bs1_tok_s"] / out["plain_bs1_tok_s"], 2)
+    log(f"plain padded generate x{n}: {out['plain_256_tok_s']} tok/s")
+    save()
+    return enc
+
+
+def profile_steps(out: dict[str, Any], folder: Path, model: Any, prompt: list[int], n: int,
+                  log: Any, compiled: bool = False) -> None:
+    """Kernels of three eager decode steps (no graph) at batch 1 and n: the top 12 by GPU time."""
+    import torch
+    from contextwise.backends.static_decode import StaticDecoder
+    from torch.profiler import ProfilerActivity, profile
+
+    for rows in (1, n):
+        dec = StaticDecoder(model, slots=rows, max_len=1024, cuda_graphs=False,
+                            compile=compiled)
+        dec.warm_up()
+        dec.prefill(list(range(rows)), [prompt] * rows)
+        args_ = (rows, [1] * rows, [len(prompt)] * rows)
+        dec.decode(*args_)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                dec.decode(*args_)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        tag = f"profile{'_compiled' if compiled else ''}_n{rows}"
+        (folder / f"{tag}.txt").write_text(
+            events.table(sort_by="self_device_time_total", row_limit=12))
+        total = sum(e.self_device_time_total for e in events) / 3
+        out[f"{tag}_step_gpu_ms"] = round(total / 1e3, 3)
+        out[f"{tag}_kernels_per_step"] = round(
+            sum(e.count for e in events if e.self_device_time_total > 0) / 3)
+        log(f"{tag}: {out[f'{tag}_step_gpu_ms']} ms GPU per step, "
+            f"{out[f'{tag}_kernels_per_step']} kernels")
+        del dec
+
+
+if __name__ == "__main__":
+    main()

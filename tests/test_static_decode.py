@@ -1,0 +1,321 @@
+"""Static decoding: the static-KV decoder, continuous batching in the engine, CUDA graphs.
+
+Tiny randomly initialised Llama / Qwen2 models (built from a config, nothing
+downloaded) check the decoder against transformers' own greedy generate; the
+`model` tests run the engine with `static_decode="on"` on the real embedded
+model (CPU, float32) against the backend's single-request path; the `gpu`
+tests (skipped without CUDA) check CUDA-graph replay against eager steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from contextwise.backends.engine import BatchingEngine
+from contextwise.backends.static_decode import StaticDecoder, supported
+from pydantic import ValidationError
+
+from contextwise.errors import Cancelled, InputError
+from contextwise.policy import Local
+from contextwise.types import Call, Reply
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+QUESTIONS = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain.",
+             "How do I boil an egg?", "What is 2+2?", "Why is the sky blue?"]
+
+
+def call(text: str, **params: Any) -> Call:
+    return Call.build([{"role": "user", "content": text}], **params)
+
+
+def tiny(kind: str = "llama", device: str = "cpu", dtype: Any = None) -> Any:
+    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+               "gpt2": transformers.GPT2Config}[kind]
+    if kind == "gpt2":
+        cfg = cfg_cls(n_embd=32, n_layer=1, n_head=2, vocab_size=64)
+    else:
+        cfg = cfg_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                      max_position_embeddings=512, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return model.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def reference(model: Any, prompt: list[int], n: int) -> list[int]:
+    x = torch.tensor([prompt], device=model.device)
+    with torch.inference_mode():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0,
+                             eos_token_id=None, temperature=None, top_p=None, top_k=None)
+    return out[0, len(prompt):].tolist()
+
+
+def static_greedy(dec: StaticDecoder, prompts: list[list[int]], n: int,
+                  steps: int) -> list[list[int]]:
+    slots = list(range(len(prompts)))
+    first = dec.prefill(slots, prompts).argmax(-1).tolist()
+    made = [[t] for t in first]
+    pos = [len(p) for p in prompts]
+    while len(made[0]) < n:
+        out, _ = dec.decode(len(prompts), [m[-1] for m in made], pos, steps=steps)
+        for row, toks in zip(made, out.tolist(), strict=True):
+            row.extend(toks)
+        pos = [p + steps for p in pos]
+    return [m[:n] for m in made]
+
+
+# --------------------------------------------------------------------------- the decoder
+
+
+PROMPTS = [[5, 17, 3, 99, 42], [7, 7, 1], [12, 40, 41, 42, 43, 44, 45, 46, 2]]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_decoder_equals_transformers_greedy(kind: str, steps: int) -> None:
+    model = tiny(kind)
+    dec = StaticDecoder(model, slots=4, max_len=256)
+    got = static_greedy(dec, PROMPTS, 20, steps)
+    assert got == [reference(model, p, 20) for p in PROMPTS]
+
+
+def test_a_slot_refilled_forgets_its_old_sequence() -> None:
+    model = tiny()
+    dec = StaticDecoder(model, slots=1, max_len=256)
+    static_greedy(dec, [list(range(30, 90))], 10, 2)  # a long sequence first
+    assert static_greedy(dec, [PROMPTS[1]], 12, 4) == [reference(model, PROMPTS[1], 12)]
+
+
+def test_a_failed_graph_capture_falls_back_to_plain_steps(monkeypatch: Any) -> None:
+    model = tiny()
+    dec = StaticDecoder(model, slots=4, max_len=256)
+    dec.cuda_graphs = True  # as on a GPU; the capture below fails as a broken one would
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(dec, "_replay", broken)
+    assert static_greedy(dec, PROMPTS, 12, 4) == [reference(model, p, 12) for p in PROMPTS]
+    assert not dec.cuda_graphs and "not permitted" in dec.stats["graph_error"]
+
+
+def test_unsupported_architectures_are_named() -> None:
+    assert supported(tiny()) is None
+    assert "gpt2" in (supported(tiny("gpt2")) or "")
+    assert StaticDecoder.build(tiny("gpt2"), slots=2, max_len=64) is None
+    with pytest.raises(ValueError, match="unsupported"):
+        StaticDecoder(tiny("gpt2"), slots=2, max_len=64)
+
+
+def test_bad_prefill_input_is_refused() -> None:
+    dec = StaticDecoder(tiny(), slots=2, max_len=16)
+    with pytest.raises(ValueError, match="lengths"):
+        dec.prefill([0], [list(range(20))])
+    with pytest.raises(ValueError, match="one prompt per slot"):
+        dec.prefill([0, 1], [[1, 2]])
+    with pytest.raises(ValueError, match="n must be"):
+        dec.decode(3, [1, 1, 1], [0, 0, 0])
+
+
+# ------------------------------------------------------------------- policy and engine options
+
+
+def test_policy_and_engine_validate_the_options(fake_backend: Any) -> None:
+    assert Local().static_decode == "auto" and Local().decode_steps == 8
+    for bad in ({"static_decode": "always"}, {"decode_steps": 0}, {"kv_cache_mb": 0}):
+        with pytest.raises(ValidationError):
+            Local(**bad)
+    with pytest.raises(InputError, match="static_decode"):
+        BatchingEngine(fake_backend, static_decode="yes")
+    with pytest.raises(InputError, match="decode_steps"):
+        BatchingEngine(fake_backend, decode_steps=0)
+    with pytest.raises(InputError, match="kv_cache_mb"):
+        BatchingEngine(fake_backend, kv_cache_mb=-1)
+
+
+def test_a_non_local_backend_keeps_the_batch_native_path(fake_backend: Any) -> None:
+    with BatchingEngine(fake_backend, static_decode="on", max_wait_ms=50) as engine:
+        assert [r.text for r in engine.generate([call("a"), call("b")])] == ["a", "b"]
+        assert engine.stats()["static_decode"] == "the backend is not a LocalBackend"
+
+
+# --------------------------------------------------------------------------- the engine, real model
+
+
+@pytest.fixture(scope="module")
+def local() -> Any:
+    from contextwise.backends.loading import load_model
+    from contextwise.backends.local import LocalBackend
+
+    # No prefix cache: with it, calls with a system prompt run alone by design.
+    return LocalBackend(loaded=load_model("smollm2-135m-instruct"), prefix_cache_mb=0,
+                        max_context_tokens=1024)
+
+
+@pytest.fixture
+def engine(local: Any) -> Iterator[BatchingEngine]:
+    with BatchingEngine(local, max_batch=8, max_wait_ms=200, static_decode="on",
+                        decode_steps=4, kv_cache_mb=512) as e:
+        yield e
+
+
+def same(a: Reply, b: Reply) -> None:
+    assert a.message.content == b.message.content
+    assert a.usage == b.usage and a.finish_reason == b.finish_reason
+
+
+@pytest.mark.model
+def test_static_engine_gives_the_single_path_greedy_text(local: Any,
+                                                         engine: BatchingEngine) -> None:
+    sequential = [local.generate([call(q, max_tokens=16)])[0] for q in QUESTIONS]
+    got: list[Reply | None] = [None] * len(QUESTIONS)
+    barrier = threading.Barrier(len(QUESTIONS))
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        got[i] = engine.generate([call(QUESTIONS[i], max_tokens=16)])[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for a, b in zip(sequential, got, strict=True):
+        assert b is not None
+        same(a, b)
+        (rec,) = b.trace.of("backend")
+        assert rec["decode"] == "static"
+    s = engine.stats()
+    assert s["static_decode"] == "on" and s["static"]["admitted"] == len(QUESTIONS)
+    assert s["static"]["slots"] == 8 and s["static"]["largest_active"] >= 2
+
+
+@pytest.mark.model
+def test_static_engine_streams_stops_and_cancels_per_row(local: Any,
+                                                         engine: BatchingEngine) -> None:
+    params = [{"max_tokens": 24}, {"max_tokens": 12, "stop": ["\n"]},
+              {"max_tokens": 20, "stop": ["rain", "."]}]
+    qs = [QUESTIONS[1], QUESTIONS[2], QUESTIONS[5]]
+    sequential = [local.generate([call(q, **p)])[0] for q, p in zip(qs, params, strict=True)]
+    deltas: list[list[str]] = [[], [], []]
+    calls = []
+    for i, (q, p) in enumerate(zip(qs, params, strict=True)):
+        c = call(q, **p)
+        c.on_delta = deltas[i].append
+        calls.append(c)
+
+    seen: list[str] = []
+
+    def closing(delta: str) -> None:
+        if len(seen) == 2:
+            raise Cancelled("stream closed by the caller")
+        seen.append(delta)
+
+    cancelled = call(QUESTIONS[3], max_tokens=24)
+    cancelled.on_delta = closing
+    futures = engine.submit([*calls, cancelled])
+    with pytest.raises(Cancelled):
+        futures[-1].result(300)
+    for a, f, d in zip(sequential, futures[:-1], deltas, strict=True):
+        b = f.result(300)
+        same(a, b)
+        assert "".join(d) == b.text and len(d) >= 1
+    assert len(seen) == 2
+
+
+@pytest.mark.model
+def test_sampling_with_a_tiny_top_p_is_greedy(local: Any, engine: BatchingEngine) -> None:
+    greedy = local.generate([call(QUESTIONS[0], max_tokens=12)])[0]
+    a, b = engine.generate([call(QUESTIONS[0], temperature=0.8, top_p=1e-6, max_tokens=12),
+                            call(QUESTIONS[1], temperature=1.0, max_tokens=12)])
+    same(greedy, a)
+    assert 0 < b.usage.completion_tokens <= 12
+    assert engine.stats()["single_calls"] == 0  # unseeded sampling decodes in the slots
+
+
+@pytest.mark.model
+def test_a_request_joins_while_another_decodes(local: Any, engine: BatchingEngine) -> None:
+    started = threading.Event()
+    long = call(QUESTIONS[2], max_tokens=48)
+    long.on_delta = lambda d: started.set()
+    first = engine.submit([long])[0]
+    assert started.wait(300)
+    short = engine.submit([call(QUESTIONS[4], max_tokens=4)])[0]
+    short_reply = short.result(300)
+    assert not first.done()  # the short one was admitted mid-flight and finished first
+    same(local.generate([call(QUESTIONS[4], max_tokens=4)])[0], short_reply)
+    same(local.generate([call(QUESTIONS[2], max_tokens=48)])[0], first.result(300))
+    assert engine.stats()["static"]["largest_active"] == 2
+
+
+@pytest.mark.model
+def test_grammar_and_seeded_calls_keep_the_single_path(local: Any,
+                                                       engine: BatchingEngine) -> None:
+    schema = {"type": "object", "properties": {"color": {"type": "string"}},
+              "required": ["color"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+    make = [lambda: call("Pick a color.", response_format=fmt, max_tokens=24),
+            lambda: call(QUESTIONS[1], temperature=0.9, seed=7, max_tokens=12),
+            lambda: call(QUESTIONS[0], max_tokens=8)]
+    sequential = [local.generate([m()])[0] for m in make]
+    replies = engine.generate([m() for m in make])
+    for a, b in zip(sequential, replies, strict=True):
+        same(a, b)
+    s = engine.stats()
+    assert (s["single_calls"], s["static"]["admitted"]) == (2, 1)
+
+
+@pytest.mark.model
+def test_a_kv_budget_without_room_for_a_slot_falls_back(local: Any) -> None:
+    with BatchingEngine(local, max_batch=4, max_wait_ms=50, static_decode="on",
+                        kv_cache_mb=1) as engine:
+        a, b = engine.generate([call(QUESTIONS[0], max_tokens=6), call(QUESTIONS[1], max_tokens=6)])
+        assert "holds no slot" in engine.stats()["static_decode"]
+    same(local.generate([call(QUESTIONS[0], max_tokens=6)])[0], a)
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("steps", [1, 4])
+def test_cuda_graph_replay_equals_eager_steps(steps: int) -> None:
+    model = tiny(device="cuda")
+    eager = StaticDecoder(model, slots=4, max_len=512, cuda_graphs=False)
+    graphs = StaticDecoder(model, slots=4, max_len=512, cuda_graphs=True)
+    want = static_greedy(eager, PROMPTS, 24, steps)
+    assert static_greedy(graphs, PROMPTS, 24, steps) == want
+    assert static_greedy(graphs, PROMPTS, 24, steps) == want  # replays, no new capture
+    assert graphs.stats["graphs_captured"] >= 1 and graphs.stats["replays"] > 0
+    assert want == [reference(model, p, 24) for p in PROMPTS]  # float32: as transformers
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graphs_across_windows_and_buckets() -> None:
+    model = tiny(device="cuda")
+    dec = StaticDecoder(model, slots=8, max_len=512)
+    long = [list(range(1, 120)), list(range(5, 60))]  # crosses the 128-token window
+    got = static_greedy(dec, long, 30, 4)
+    assert got == [reference(model, p, 30) for p in long]
+    windows = {key[1] for key in dec._graphs}
+    assert windows == {128, 256} and {key[0] for key in dec._graphs} == {2}
+
+
+@pytest.mark.gpu
+@gpu
+def test_compiled_decode_layer_gives_the_same_tokens() -> None:
+    model = tiny(device="cuda")
+    want = [reference(model, p, 16) for p in PROMPTS]
+    dec = StaticDecoder(model, slots=4, max_len=256, compile=True)
+    assert dec.compiled and static_greedy(dec, PROMPTS, 16, 4) == want
