@@ -65,6 +65,7 @@ __all__ = ["BatchingEngine", "STATIC_MODES"]
 
 STATIC_MODES = ("auto", "on", "off")
 MAX_STATIC_LEN = 4096  # longest sequence a static slot holds; longer calls take the single path
+MIN_STATIC_LEN = 1024  # slots get no shorter than this when the KV budget is tight
 
 _ALPHA = 0.3  # weight of the newest inter-arrival gap in the rate estimate
 
@@ -368,10 +369,11 @@ class BatchingEngine(Backend):
             if reason is None and self.static_decode == "auto" and not on_gpu:
                 reason = "auto: on for CUDA devices only"
             if reason is None:
-                max_len = min(b.context_window, MAX_STATIC_LEN)
-                per_slot = kv_bytes_per_slot(model, max_len, cache_dtype(model))
-                slots = min(self.max_batch, int(self._kv_budget(on_gpu) // per_slot))
+                max_len, slots = slot_shape(
+                    self._kv_budget(on_gpu), kv_bytes_per_slot(model, 1, cache_dtype(model)),
+                    min(b.context_window, MAX_STATIC_LEN), self.max_batch)
                 if slots < 1:
+                    per_slot = kv_bytes_per_slot(model, max_len, cache_dtype(model))
                     reason = (f"kv_cache_mb holds no slot: one slot of {max_len} tokens "
                               f"takes {per_slot / 2**20:.0f} MB")
                 else:
@@ -587,6 +589,16 @@ class _RowControl:
                     self.engine._complete(row, len(self.rows))
             done.append(row.done)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def slot_shape(budget: float, per_token: int, longest: int, wanted: int) -> tuple[int, int]:
+    """(tokens per slot, slots) for a KV budget of `budget` bytes at `per_token` bytes
+    per cached token: `wanted` slots of `longest` tokens if they fit; else shorter
+    slots, down to MIN_STATIC_LEN tokens (calls longer than a slot take the single
+    path), then fewer slots. Slots = 0 when not even one slot of the shortest fits."""
+    shortest = min(MIN_STATIC_LEN, longest)
+    length = max(shortest, min(longest, int(budget // (wanted * per_token))))
+    return length, min(wanted, int(budget // (length * per_token)))
 
 
 def _is_local(backend: Backend) -> bool:

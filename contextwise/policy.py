@@ -318,9 +318,10 @@ class Local(_Strict):
         "first request waits for it: tens of seconds). Plain float weights only"
     )
     kv_cache_mb: float | None = Field(
-        None, gt=0, description="static decoding: memory for the KV cache slots (each holds "
-        "one sequence of up to min(context window, 4096) tokens); None: 30% of the free "
-        "GPU memory, 512 MB on CPU. Slots = min(max_batch, what fits)"
+        None, gt=0, description="static decoding: memory for the KV cache slots; None: 30% "
+        "of the free GPU memory, 512 MB on CPU. max_batch slots of min(context window, "
+        "4096) tokens when they fit, else shorter slots (down to 1,024 tokens; longer calls "
+        "take the single-request path), then fewer"
     )
     speculative: Literal["none", "prompt_lookup", "draft"] = Field(
         "none",

@@ -139,6 +139,17 @@ def test_policy_and_engine_validate_the_options(fake_backend: Any) -> None:
         BatchingEngine(fake_backend, kv_cache_mb=-1)
 
 
+def test_slots_shrink_before_they_get_fewer() -> None:
+    from contextwise.backends.engine import slot_shape
+
+    kb = 1024
+    assert slot_shape(256 * 4096 * kb, kb, 4096, 256) == (4096, 256)  # all fit
+    assert slot_shape(16 * 2048 * kb, kb, 4096, 16) == (2048, 16)  # shorter slots
+    assert slot_shape(4 * 1024 * kb, kb, 4096, 16) == (1024, 4)  # shortest, then fewer
+    assert slot_shape(512 * kb, kb, 4096, 16) == (1024, 0)  # not one slot
+    assert slot_shape(10**12, kb, 512, 8) == (512, 8)  # a short context window
+
+
 def test_a_non_local_backend_keeps_the_batch_native_path(fake_backend: Any) -> None:
     with BatchingEngine(fake_backend, static_decode="on", max_wait_ms=50) as engine:
         assert [r.text for r in engine.generate([call("a"), call("b")])] == ["a", "b"]
