@@ -89,14 +89,24 @@ class ContinuousRunner:
         return n_prompt + max_new <= self.decoder.max_len
 
     def run(self, reqs: list[Any]) -> None:
-        """Serve `reqs` and whatever batchable arrives while they run, until no slot is busy."""
+        """Serve `reqs` and whatever batchable arrives while they run, until no slot is busy.
+        If a pass fails (out of memory, a CUDA error), every request in flight or waiting
+        here gets that error and the slots are freed: the next batch starts clean."""
         pending: deque[Any] = deque(reqs)
-        while pending or self.active:
-            self._admit(pending)
-            if self.active:
-                self._chunk()
-            if self.free:
-                pending.extend(self.poll(len(self.free) - len(pending)))
+        try:
+            while pending or self.active:
+                self._admit(pending)
+                if self.active:
+                    self._chunk()
+                if self.free:
+                    pending.extend(self.poll(len(self.free) - len(pending)))
+        except Exception as e:  # noqa: BLE001  (each caller gets it; the engine goes on)
+            for r in list(self.active.values()):
+                r.error = e
+                self._finish(r)
+            for req in pending:
+                if not req.future.done():
+                    req.future.set_exception(e)
 
     # -- admission
 

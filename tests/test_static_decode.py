@@ -150,6 +150,49 @@ def test_slots_shrink_before_they_get_fewer() -> None:
     assert slot_shape(10**12, kb, 512, 8) == (512, 8)  # a short context window
 
 
+class _FlakyDecoder:
+    """A StaticDecoder stand-in whose decode fails once: the runner's error handling."""
+
+    slots, max_len = 2, 64
+
+    def __init__(self) -> None:
+        self.fail = True
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> Any:
+        return torch.zeros(len(slots), 8)
+
+    def decode(self, n: int, tokens: Any, pos: Any, steps: int = 1, ban_eos: Any = None) -> Any:
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("CUDA out of memory")
+        return torch.ones(n, steps, dtype=torch.long), torch.zeros(n, 8)
+
+
+def test_a_failing_pass_fails_its_callers_and_frees_the_slots() -> None:
+    from concurrent.futures import Future
+
+    from contextwise.backends.continuous import ContinuousRunner, _Active
+
+    class Req:
+        def __init__(self) -> None:
+            self.future: Future[Any] = Future()
+
+    done: list[tuple[Any, Any]] = []
+    reqs = [Req() for _ in range(3)]
+    runner = ContinuousRunner(
+        _FlakyDecoder(), eos=7, steps=2,
+        make_row=lambda req, slot: _Active(req, slot, [1, 2], 4, None, None, 0.0, 1.0),
+        complete=lambda row, size: done.append((row.req, row.error)),
+        poll=lambda limit: [], decode_text=lambda ids: "")
+    runner.run(reqs)  # two rows take the slots; the third waits; the decode fails
+    assert [str(e) for _, e in done] == ["CUDA out of memory"] * 2
+    assert "out of memory" in str(reqs[2].future.exception(0))
+    assert sorted(runner.free) == [0, 1] and not runner.active
+    again = [Req(), Req()]
+    runner.run(again)  # the next batch runs normally
+    assert [e for _, e in done[2:]] == [None, None]
+
+
 def test_a_non_local_backend_keeps_the_batch_native_path(fake_backend: Any) -> None:
     with BatchingEngine(fake_backend, static_decode="on", max_wait_ms=50) as engine:
         assert [r.text for r in engine.generate([call("a"), call("b")])] == ["a", "b"]
