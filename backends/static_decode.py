@@ -1,8 +1,8 @@
 """Static-KV decoding for Llama-family models: fixed slots, CUDA graphs for decode.
 
     dec = StaticDecoder.build(model, slots=256, max_len=2048)   # None: unsupported model
-    first = dec.prefill([3, 7], [[...ids...], [...ids...]])    # logits of each last token
-    tokens = dec.decode(n, steps=8)                              # [n, 8] greedy tokens
+    logits = dec.prefill([0, 1], [ids_a, ids_b])     # [2, vocab]: each prompt's last token
+    tokens, _ = dec.decode(2, [a, b], [len(ids_a), len(ids_b)], steps=8)  # [2, 8] greedy
 
 Why: transformers' `generate` spends its time launching ~1,000 small kernels per
 token from Python (one H100 gave 13-17 tok/s on a 135M model whose weights it
@@ -12,9 +12,13 @@ shapes, so on CUDA a whole step (and, for greedy rows, several steps, the
 chosen token fed back on the device) is captured once as a CUDA graph and
 replayed with one launch.
 
-The model's own modules do the work (norms, projections, MLP, rotary tables,
-so quantized linears and rope variants behave as in transformers); only the
-attention over the static cache and the cache writes are written here. Each
+The model's own weights and rotary tables do the work. With plain float
+linears, q/k/v and gate/up are fused into one matmul each (the modules' weights
+become views of the fused tensors) and a decode layer is one pure function of
+tensors (`compile=True` runs it through torch.compile: one compile for every
+layer and shape); quantized linears keep the module path, so they behave as in
+transformers. Only the attention over the static cache and the cache writes are
+written here. Each
 slot has its own position, so sequences of different lengths decode together
 and a finished slot takes a new sequence while the others go on (continuous
 batching; `backends/continuous.py` schedules it).
