@@ -395,9 +395,10 @@ class LocalBackend(Backend):
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if forced:
-            kwargs["logits_processor"] = [self.grammars.processor(tool_call_schema(forced))]
+            kwargs["logits_processor"] = [
+                self.grammars.processor(tool_call_schema(forced), max_new=max_new)]
         elif p.response_format:
-            kwargs["logits_processor"] = [self.grammars.processor(p.json_schema)]
+            kwargs["logits_processor"] = [self.grammars.processor(p.json_schema, max_new=max_new)]
         if p.stop and not forced and not p.response_format:
             kwargs.update(stop_strings=p.stop, tokenizer=self.tokenizer)
         streamer = None

@@ -86,17 +86,6 @@ class TestChatContextwiseUnit(unit_tests.ChatModelUnitTests):
         return False
 
 
-_JOKE_LOOP = (
-    "SmolLM2-135M under greedy decoding answers 'Tell me a joke about cats.' with a "
-    "JSON string that repeats ('The cat was a cat, and the cat was a cat, ...') until "
-    "max_tokens, so the grammar-constrained JSON never closes and parsing fails "
-    "(checked on CPU with max_tokens 64 and 96, response_format and forced tool call, "
-    "sampling with seeds 0 and 1, repetition_penalty 1.3, a max-words system "
-    "instruction). Structured output itself is tested on prompts the model completes "
-    "(test_real_model_structured_output) and with a fake backend."
-)
-
-
 @pytest.mark.model
 class TestChatContextwiseIntegration(integration_tests.ChatModelIntegrationTests):
     # Skipped by the suite itself through the capability flags below, justified:
@@ -128,24 +117,6 @@ class TestChatContextwiseIntegration(integration_tests.ChatModelIntegrationTests
         # the test needs the keys 'setup' and 'punchline' from the prompt alone, with
         # no schema: the 135M model does not reliably pick those keys.
         return False
-
-    @pytest.mark.xfail(reason=_JOKE_LOOP, run=False)
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    def test_structured_output(self, model: Any, schema_type: Any) -> None:
-        super().test_structured_output(model, schema_type)
-
-    @pytest.mark.xfail(reason=_JOKE_LOOP, run=False)
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
-    async def test_structured_output_async(self, model: Any, schema_type: Any) -> None:
-        await super().test_structured_output_async(model, schema_type)
-
-    @pytest.mark.xfail(reason=_JOKE_LOOP, run=False)
-    def test_structured_output_pydantic_2_v1(self, model: Any) -> None:
-        super().test_structured_output_pydantic_2_v1(model)
-
-    @pytest.mark.xfail(reason=_JOKE_LOOP + " (its third prompt is the same one)", run=False)
-    def test_structured_output_optional_param(self, model: Any) -> None:
-        super().test_structured_output_optional_param(model)
 
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)
     @pytest.mark.xfail(
@@ -569,7 +540,7 @@ def test_real_model_built_from_policy(tmp_path: Any) -> None:
 
 @pytest.mark.model
 @pytest.mark.parametrize(("method", "prompt"), [
-    # prompts on which the 135M model closes the JSON within max_tokens (see _JOKE_LOOP)
+    # prompts on which the 135M model closes the JSON on its own, within max_tokens
     ("json_schema", "Give me the setup to a joke about cats, no punchline."),
     ("function_calling", "Tell me a joke about cats."),
 ])
