@@ -12,8 +12,9 @@ the budget): there, among the tokens the grammar allows, it keeps only those tha
 end the open string (`"`, `"}`...), else those that close an object or array,
 else the shortest values (`""`, `0`, `[]`...), picking the model's favourite
 of them; where the grammar leads (a required key, a colon) it takes the
-longest token the grammar allows, so the forced text costs the fewest tokens. The reply is then valid JSON whenever the reserve covers
-what the schema still requires.
+longest token the grammar allows, so the forced text costs the fewest tokens.
+The reply is then valid JSON whenever the reserve covers what the schema still
+requires.
 """
 
 from __future__ import annotations
