@@ -17,7 +17,9 @@ tokens each.
 - baseline: the 16 requests one after another through plain
   `model.generate` at batch 1 (the prompt rendered as the backend renders it);
 - contender: a `BatchingEngine` (max_batch=16, max_wait_ms=5) over a
-  `LocalBackend`, 16 threads calling `engine.generate` at once.
+  `LocalBackend`, 16 threads calling `engine.generate` at once; and the same
+  with `static_decode="on"` (continuous batching on a static KV cache, off by
+  default on CPU), `static_engine_*` keys.
 
 Both run in this process, contender first, after a warm-up of each. Tokens/s
 is all new tokens over the wall time from the first request to the last reply.
@@ -60,6 +62,7 @@ from benchmarks.common import RESULTS, write_results
 from contextwise.types import Call
 
 REQUESTS = 16
+STATIC_KV_MB = 768  # 16 slots of 1,024 tokens in fp32 (the prompts are ~40 tokens)
 NEW_TOKENS = 128
 GPU_REQUESTS = 256
 
@@ -159,13 +162,28 @@ def cpu_benchmark() -> dict[str, Any]:
     # warm-up: first-use costs out of the way, and the engine has seen a full batch
     plain_generate(backend, questions[:1], 4, check=False)
     concurrent(engine, questions, 4, check=False)
+    # the same engine with static decoding (continuous batching; off by default on CPU)
+    static = BatchingEngine(backend, max_batch=REQUESTS, max_wait_ms=5, max_queue=256,
+                            static_decode="on", kv_cache_mb=STATIC_KV_MB)
+    concurrent(static, questions, 4, check=False)
     with min_new_tokens(loaded.model, NEW_TOKENS):
         engine_texts, engine_lat, engine_s = concurrent(engine, questions, NEW_TOKENS)
+        static_texts, static_lat, static_s = concurrent(static, questions, NEW_TOKENS)
         base_texts, base_lat, base_s = plain_generate(backend, questions, NEW_TOKENS)
     stats = engine.stats()
+    static_stats = static.stats()["static"]
     engine.close()
+    static.close()
     total = REQUESTS * NEW_TOKENS
     return {
+        "static_engine_tok_s": round(total / static_s, 1),
+        "static_engine_speedup": round(base_s / static_s, 2),
+        "static_engine_latency_p50_s": round(statistics.median(static_lat), 2),
+        "static_engine_latency_p95_s": round(percentile(static_lat, 95), 2),
+        "static_engine_slots": static_stats["slots"],
+        "static_engine_slot_tokens": static_stats["max_len"],
+        "static_greedy_identical_rows": sum(a == b for a, b in zip(base_texts, static_texts,
+                                                                   strict=True)),
         "requests": REQUESTS,
         "new_tokens_per_request": NEW_TOKENS,
         "ignore_eos": f"generation_config.min_new_tokens={NEW_TOKENS}",
