@@ -116,7 +116,8 @@ class BatchingEngine(Backend):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
                 raise InputError(name, f"must be a number >= {low}, got {value!r}")
         if static_decode not in STATIC_MODES:
-            raise InputError("static_decode", f"must be one of {STATIC_MODES}, got {static_decode!r}")
+            raise InputError("static_decode",
+                             f"must be one of {STATIC_MODES}, got {static_decode!r}")
         if kv_cache_mb is not None and (not isinstance(kv_cache_mb, (int, float))
                                         or isinstance(kv_cache_mb, bool) or kv_cache_mb <= 0):
             raise InputError("kv_cache_mb", f"must be a number > 0 or None, got {kv_cache_mb!r}")
@@ -377,9 +378,10 @@ class BatchingEngine(Backend):
                     reason = (f"kv_cache_mb holds no slot: one slot of {max_len} tokens "
                               f"takes {per_slot / 2**20:.0f} MB")
                 else:
-                    decoder = StaticDecoder(model, slots, max_len, cuda_graphs=self.cuda_graphs,
-                                            lock=b._lock, compile=self.compile_decode,
-                                            eos=b.tokenizer.eos_token_id)
+                    with b._lock:  # fusing q/k/v rewrites the weights: not under a generate
+                        decoder = StaticDecoder(
+                            model, slots, max_len, cuda_graphs=self.cuda_graphs, lock=b._lock,
+                            compile=self.compile_decode, eos=b.tokenizer.eos_token_id)
                     decoder.warm_up()  # compiling (if asked) before the first chunk
                     self._runner = ContinuousRunner(
                         decoder, b.tokenizer.eos_token_id, self.decode_steps,
