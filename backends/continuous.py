@@ -31,30 +31,56 @@ from contextwise.backends.static_decode import StaticDecoder
 if TYPE_CHECKING:
     from contextwise.backends.engine import _Request
 
-__all__ = ["ContinuousRunner"]
+__all__ = ["ContinuousRunner", "Row"]
 
 _PREFILL_TOKENS = 16384  # padded prompt tokens per prefill pass at most (activation memory)
 
 
 @dataclass(eq=False)
-class _Active:
+class Row:
+    """One request being decoded in a batch: a padded generate's row (the engine) or a
+    cache slot (here)."""
+
     req: _Request
-    slot: int
-    ids: list[int]
+    ids: list[int]  # the prompt
     max_new: int
     stop: tuple[str, ...] | None
-    streamer: Any
-    temperature: float
-    top_p: float
-    min_new: int = 0  # generation_config.min_new_tokens: EOS masked until this many
+    streamer: Any  # local._DeltaStreamer or None
     new: list[int] = field(default_factory=list)
-    pos: int = 0  # position of the last token (the next step's input)
     done: bool = False
     error: BaseException | None = None
 
     @property
     def n_prompt(self) -> int:
         return len(self.ids)
+
+    def take(self, token: int, eos: int, stopped: Callable[[], bool]) -> bool:
+        """Append `token` and stream it; True when the row ends with it: EOS, max_new,
+        a stop string (`stopped()`, asked only when the row has stop strings), or its
+        stream raised (`Cancelled`: the caller stopped listening; kept in `error`)."""
+        self.new.append(token)
+        stop = token == eos or len(self.new) >= self.max_new
+        if not stop and self.stop is not None:
+            stop = stopped()
+        if self.streamer is not None:
+            import torch
+
+            try:
+                self.streamer.put(torch.tensor([token]))
+            except Exception as e:  # noqa: BLE001  (the row's caller gets it)
+                self.error, stop = e, True
+        return stop
+
+
+@dataclass(eq=False, kw_only=True)
+class _Active(Row):
+    """A row in a cache slot."""
+
+    slot: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    min_new: int = 0  # generation_config.min_new_tokens: EOS masked until this many
+    pos: int = 0  # position of the last token (the next step's input)
 
 
 class ContinuousRunner:
@@ -200,19 +226,9 @@ class ContinuousRunner:
         """Append `token` to row `r`; finish the row when it ends. True when it did."""
         if r.done:
             return True
-        r.new.append(token)
         self.stats["tokens"] += 1
-        stop = token == self.eos or len(r.new) >= r.max_new
-        if not stop and r.stop is not None:
-            text = self.decode_text(r.new)
-            stop = any(s in text for s in r.stop)
-        if r.streamer is not None:
-            try:
-                import torch
-
-                r.streamer.put(torch.tensor([token]))
-            except Exception as e:  # noqa: BLE001  (Cancelled: the caller stopped listening)
-                r.error, stop = e, True
+        stop = r.take(token, self.eos,
+                      lambda: any(s in self.decode_text(r.new) for s in r.stop or ()))
         if stop:
             self._finish(r)
         return stop

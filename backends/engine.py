@@ -55,7 +55,7 @@ from typing import Any, Self
 
 from contextwise.backends.base import Backend
 from contextwise.backends.chat_format import TOOL_CALL_OPEN
-from contextwise.backends.continuous import ContinuousRunner, _Active
+from contextwise.backends.continuous import ContinuousRunner, Row, _Active
 from contextwise.backends.local import LocalBackend, _DeltaStreamer
 
 from contextwise.errors import BackendError, ContextOverflow, InputError, Overloaded
@@ -76,24 +76,6 @@ class _Request:
     future: Future[Reply] = field(default_factory=Future)
     t_in: float = field(default_factory=time.perf_counter)
     ids: list[int] | None = None  # prompt token ids (local backend, batchable calls)
-
-
-@dataclass(eq=False)
-class _Row:
-    """One call inside a padded batched generate."""
-
-    req: _Request
-    ids: list[int]  # the prompt
-    max_new: int
-    stop: tuple[str, ...] | None
-    streamer: Any  # local._DeltaStreamer or None
-    new: list[int] = field(default_factory=list)
-    done: bool = False
-    error: BaseException | None = None
-
-    @property
-    def n_prompt(self) -> int:
-        return len(self.ids)
 
 
 class BatchingEngine(Backend):
@@ -409,9 +391,9 @@ class BatchingEngine(Backend):
         p = r.call.params
         assert r.ids is not None
         min_new = getattr(self.backend.model.generation_config, "min_new_tokens", None) or 0
-        return _Active(r, slot, r.ids, p.max_tokens or self.backend.default_max_tokens,
-                       tuple(p.stop) if p.stop else None, self._streamer(r),
-                       p.temperature, p.top_p, min_new=min_new)
+        return _Active(r, r.ids, p.max_tokens or self.backend.default_max_tokens,
+                       tuple(p.stop) if p.stop else None, self._streamer(r), slot=slot,
+                       temperature=p.temperature, top_p=p.top_p, min_new=min_new)
 
     def _streamer(self, r: _Request) -> Any:
         call = r.call
@@ -495,11 +477,11 @@ class BatchingEngine(Backend):
 
         b = self.backend
         tok = b.tokenizer
-        rows: list[_Row] = []
+        rows: list[Row] = []
         for r in group:
             p = r.call.params
             assert r.ids is not None
-            rows.append(_Row(r, r.ids, p.max_tokens or b.default_max_tokens,
+            rows.append(Row(r, r.ids, p.max_tokens or b.default_max_tokens,
                              tuple(p.stop) if p.stop else None, self._streamer(r)))
         stops = {row.stop: StopStringCriteria(tok, list(row.stop)) for row in rows if row.stop}
         self._count_batch(len(rows))
@@ -538,7 +520,7 @@ class BatchingEngine(Backend):
                 else:
                     self._complete(row, len(rows))
 
-    def _complete(self, row: _Row | _Active, batch_size: int) -> None:
+    def _complete(self, row: Row, batch_size: int) -> None:
         """Hand a finished row its Reply (or its error) right away."""
         r = row.req
         if row.error is not None:
@@ -562,7 +544,7 @@ class _RowControl:
     and stops the rows it returns True for (their later tokens are padding).
     """
 
-    def __init__(self, engine: BatchingEngine, rows: list[_Row],
+    def __init__(self, engine: BatchingEngine, rows: list[Row],
                  stops: dict[tuple[str, ...], Any], eos: int):
         self.engine = engine
         self.rows = rows
@@ -576,16 +558,8 @@ class _RowControl:
         done: list[bool] = []
         for i, row in enumerate(self.rows):
             if not row.done:
-                token = last[i]
-                row.new.append(token)
-                stop = token == self.eos or len(row.new) >= row.max_new
-                if not stop and row.stop is not None:
-                    stop = bool(self.stops[row.stop](input_ids[i:i + 1], scores)[0])
-                if row.streamer is not None:
-                    try:
-                        row.streamer.put(torch.tensor([token]))
-                    except Exception as e:  # noqa: BLE001  (Cancelled: the caller stopped listening)
-                        row.error, stop = e, True
+                stop = row.take(last[i], self.eos, lambda: bool(
+                    self.stops[row.stop](input_ids[i:i + 1], scores)[0]))
                 if stop:
                     row.done = True
                     self.engine._complete(row, len(self.rows))

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["StaticDecoder", "cache_dtype", "kv_bytes_per_slot", "supported"]
@@ -80,12 +79,6 @@ def kv_bytes_per_slot(model: Any, max_len: int, dtype: Any) -> int:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     elt = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * kv_heads * max_len * head_dim * elt
-
-
-@dataclass
-class _Graph:
-    graph: Any  # torch.cuda.CUDAGraph
-    steps: int
 
 
 class StaticDecoder:
@@ -132,8 +125,8 @@ class StaticDecoder:
         self.eos = eos
         self.ban = torch.zeros(self.slots, dtype=torch.long, device=self.device)
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
-        self._graphs: dict[tuple[int, int, int], _Graph] = {}
-        self._outputs: dict[tuple[int, int, int], tuple[Any, Any]] = {}
+        # (n, window, steps) -> (the CUDA graph, its output tensors: tokens, logits)
+        self._graphs: dict[tuple[int, int, int], tuple[Any, tuple[Any, Any]]] = {}
         self._pool: Any = None
         self._lock = lock if lock is not None else threading.Lock()  # the model's, if shared
         # Plain float weights: q/k/v and gate/up become one matmul each (the modules'
@@ -183,23 +176,17 @@ class StaticDecoder:
 
     # -- the passes
 
-    def _rope(self, x: Any, cos: Any, sin: Any) -> Any:
-        import torch
-
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
-    def _layer(self, i: int, layer: Any, x: Any, write: Any, attend: Any) -> Any:
-        """One decoder layer; `write(i, k, v)` stores the new keys/values, `attend(i, q, k, v)`
-        returns the attention output [b, heads, t, D]."""
+    def _layer(self, i: int, layer: Any, x: Any, cos: Any, sin: Any, write: Any,
+               attend: Any) -> Any:
+        """One decoder layer through the model's modules; `write(i, k, v)` stores the new
+        keys/values, `attend(i, q, k, v)` returns the attention output [b, heads, t, D]."""
         b, t, _ = x.shape
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self._rope(q, self._cos, self._sin), self._rope(k, self._cos, self._sin)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         write(i, k, v)
         o = attend(i, q, k, v).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
         x = x + attn.o_proj(o)
@@ -223,8 +210,7 @@ class StaticDecoder:
         ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts],
                            dtype=torch.long, device=self.device)
         where = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-        self._cos = self.cos[:width][None, None]
-        self._sin = self.sin[:width][None, None]
+        cos, sin = self.cos[:width][None, None], self.sin[:width][None, None]
 
         def write(i: int, k: Any, v: Any) -> None:
             # Right padding: a short prompt writes garbage past its end, which the
@@ -242,7 +228,7 @@ class StaticDecoder:
         with self._lock, torch.inference_mode():
             x = self.inner.embed_tokens(ids)
             for i, layer in enumerate(self.layers):
-                x = self._layer(i, layer, x, write, attend)
+                x = self._layer(i, layer, x, cos, sin, write, attend)
             last = torch.tensor([n - 1 for n in lengths], device=self.device)
             logits = self._logits(x[torch.arange(len(prompts), device=self.device), last])
         self.stats["prefills"] += 1
@@ -255,9 +241,14 @@ class StaticDecoder:
 
         pos = self.pos[:n].clamp(max=self.max_len - 1)
         rows = self.rows[:n]
-        self._cos = self.cos[pos][:, None, None, :]
-        self._sin = self.sin[pos][:, None, None, :]
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # [n, 1, D]
         mask = (self.arange[:window][None, :] <= pos[:, None])[:, None, None, :]
+        if self.fused is not None:
+            x = self.inner.embed_tokens(self.tokens[:n])
+            for i, weights in enumerate(self.fused):
+                x = self._decode_layer(x, weights, self.k[i], self.v[i], rows, pos, cos, sin,
+                                       mask)
+            return self._logits(x)
 
         def write(i: int, k: Any, v: Any) -> None:
             self.k[i][rows, :, pos] = k[:, :, 0]
@@ -274,16 +265,9 @@ class StaticDecoder:
                 scale=self.scale)
             return o.reshape(n, self.heads, 1, self.head_dim)
 
-        if self.fused is not None:
-            cos, sin = self._cos[:, :, 0], self._sin[:, :, 0]  # [n, 1, D]
-            x = self.inner.embed_tokens(self.tokens[:n])
-            for i, weights in enumerate(self.fused):
-                x = self._decode_layer(x, weights, self.k[i], self.v[i], rows, pos, cos, sin,
-                                       mask)
-            return self._logits(x)
         x = self.inner.embed_tokens(self.tokens[:n])[:, None, :]
-        for i, layer in enumerate(self.layers):
-            x = self._layer(i, layer, x, write, attend)
+        for i, layer in enumerate(self.layers):  # cos/sin broadcast over heads: [n, 1, 1, D]
+            x = self._layer(i, layer, x, cos[:, None], sin[:, None], write, attend)
         return self._logits(x[:, 0])
 
     def _run(self, n: int, window: int, steps: int) -> tuple[Any, Any]:
@@ -362,48 +346,55 @@ class StaticDecoder:
 
         self.cuda_graphs = False
         self._graphs.clear()
-        self._outputs.clear()
         self.stats["graph_error"] = f"{type(error).__name__}: {str(error)[:200]}"
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     def _replay(self, n: int, window: int, steps: int) -> tuple[Any, Any]:
         key = (n, window, steps)
-        g = self._graphs.get(key)
-        if g is None:
-            g = self._capture(key)
-        g.graph.replay()
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(n, window, steps)
+        graph, outputs = self._graphs[key]
+        graph.replay()
         self.stats["replays"] += 1
-        return self._outputs[key]
+        return outputs
 
-    def _capture(self, key: tuple[int, int, int]) -> _Graph:
+    def _capture(self, n: int, window: int, steps: int) -> tuple[Any, tuple[Any, Any]]:
         import torch
 
-        n, window, steps = key
-        saved = (self.tokens.clone(), self.pos.clone(), self.ban.clone())
+        inputs = (self.tokens, self.pos, self.ban)
+        saved = [t.clone() for t in inputs]
+
+        def restore() -> None:
+            for t, old in zip(inputs, saved, strict=True):
+                t.copy_(old)
+
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up: lazy inits must not happen in capture
             self._run(n, window, steps)
         torch.cuda.current_stream().wait_stream(stream)
-        self.tokens.copy_(saved[0])
-        self.pos.copy_(saved[1])
-        self.ban.copy_(saved[2])
+        restore()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA work other threads do meanwhile (an embedder, a request on
         # another model) must not invalidate this capture, nor be refused by it.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._outputs[key] = self._run(n, window, steps)
+            outputs = self._run(n, window, steps)
         # Capturing recorded the steps without running them: restore the inputs the
         # warm-up advanced, so the caller's replay starts from them.
-        self.tokens.copy_(saved[0])
-        self.pos.copy_(saved[1])
-        self.ban.copy_(saved[2])
-        self._graphs[key] = _Graph(graph, steps)
+        restore()
         self.stats["graphs_captured"] += 1
-        return self._graphs[key]
+        return graph, outputs
+
+
+def _rope(x: Any, cos: Any, sin: Any) -> Any:
+    """Rotary embedding, as transformers' apply_rotary_pos_emb (rotate_half)."""
+    import torch
+
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _plain(linear: Any) -> bool:
@@ -466,10 +457,8 @@ def _fuse_layers(layers: list[Any], heads: int, kv_heads: int, head_dim: int) ->
 def _decode_layer_for(heads: int, kv_heads: int, head_dim: int, eps: float,
                       scale: float) -> Any:
     """The decode layer function for a model's shapes (its constants bound here)."""
-    import torch
     import torch.nn.functional as F
 
-    half = head_dim // 2
     qk_width = (heads + kv_heads) * head_dim
     group = heads // kv_heads
 
@@ -485,7 +474,7 @@ def _decode_layer_for(heads: int, kv_heads: int, head_dim: int, eps: float,
         h = norm1 * F.rms_norm(x.float(), (hidden,), eps=eps).to(x.dtype)
         qkv = F.linear(h, qkv_w, qkv_b)
         qk = qkv[:, :qk_width].view(n, heads + kv_heads, head_dim)
-        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        qk = _rope(qk, cos, sin)
         kc[rows, :, pos] = qk[:, heads:]
         vc[rows, :, pos] = qkv[:, qk_width:].view(n, kv_heads, head_dim)
         # The query heads sharing a kv head are that kv head's query rows: no GQA

@@ -219,14 +219,10 @@ def gpu_benchmark() -> dict[str, Any]:
     backend = LocalBackend(loaded=loaded, prefix_cache_mb=0)
     questions = [QUESTIONS[i % len(QUESTIONS)] + f" (request {i})" for i in range(GPU_REQUESTS)]
 
-    def engine_for(b: LocalBackend, batch: int, **kw: Any) -> BatchingEngine:
-        return BatchingEngine(b, max_batch=batch, max_wait_ms=20, max_queue=4 * GPU_REQUESTS,
-                              static_decode="on", **kw)
-
     out: dict[str, Any] = {"gpu_card": torch.cuda.get_device_name(0), "gpu_dtype": "bfloat16",
                            "new_tokens_per_request": NEW_TOKENS,
                            "concurrent_requests": GPU_REQUESTS}
-    decode_speed(backend, questions, NEW_TOKENS, out, print, lambda: None, engine_for)
+    decode_speed(backend, questions, NEW_TOKENS, out, print, lambda: None)
     out["gpu_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 

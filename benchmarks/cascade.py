@@ -39,7 +39,7 @@ from rich.table import Table
 
 from benchmarks.common import write_results
 from contextwise.policy import Cascade
-from contextwise.types import Call, Message, Params, Reply
+from contextwise.types import Call, Reply
 
 MAX_TOKENS = 32
 DEFAULT_THRESHOLD = Cascade().threshold
@@ -69,9 +69,8 @@ PROMPTS = [
 ]
 
 
-def _call(text: str) -> Call:
-    return Call(messages=[Message(role="user", content=text)],
-                params=Params(max_tokens=MAX_TOKENS, temperature=0))
+def _call(text: str, max_tokens: int = MAX_TOKENS) -> Call:
+    return Call.build([{"role": "user", "content": text}], max_tokens=max_tokens)
 
 
 def _run(backend: Any) -> tuple[list[Reply], float]:
@@ -88,8 +87,7 @@ def main() -> dict[str, Any]:
     large = LocalBackend(prefix_cache_mb=0)
     small = LocalBackend(prefix_cache_mb=0, quantization="int8")
     for b in (large, small):  # warm-up
-        b.generate([Call(messages=[Message(role="user", content="Hi")],
-                         params=Params(max_tokens=4))])
+        b.generate([_call("Hi", 4)])
     baseline, base_s = _run(large)
     base_text = [r.text for r in baseline]
     metrics: dict[str, Any] = {

@@ -50,7 +50,6 @@ def main() -> None:
 
     import torch
     import transformers
-    from contextwise.backends.engine import BatchingEngine
     from contextwise.backends.loading import load_model
     from contextwise.backends.local import LocalBackend
     from contextwise.backends.static_decode import StaticDecoder
@@ -79,10 +78,6 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_decode.json").write_text(json.dumps(out, indent=2) + "\n")
 
-    def engine_for(backend: LocalBackend, batch: int, **kw: Any) -> BatchingEngine:
-        return BatchingEngine(backend, max_batch=batch, max_wait_ms=20, max_queue=4 * n,
-                              static_decode="on", **kw)
-
     folder = random_model_dir(args.config_dir, Path("/tmp/cw-random-model"))
     loaded = load_model(str(folder), device=args.device, dtype="bfloat16")
     plain = LocalBackend(loaded=loaded, prefix_cache_mb=0)
@@ -90,7 +85,7 @@ def main() -> None:
     questions = [bb.QUESTIONS[i % len(bb.QUESTIONS)] + f" (request {i})" for i in range(n)]
     log("model loaded")
 
-    enc = decode_speed(plain, questions, new, out, log, save, engine_for)
+    enc = decode_speed(plain, questions, new, out, log, save)
 
     # 3. the decoder alone at batch 1: steps per replay, graphs on/off
     prompt = enc[0]
@@ -176,8 +171,16 @@ def main() -> None:
     print(json.dumps(out, indent=2))
 
 
+def engine_for(backend: Any, batch: int, **kw: Any) -> Any:
+    """A batching engine with static decoding on, room for 1,024 waiting requests."""
+    from contextwise.backends.engine import BatchingEngine
+
+    return BatchingEngine(backend, max_batch=batch, max_wait_ms=20, max_queue=1024,
+                          static_decode="on", **kw)
+
+
 def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any], log: Any,
-                 save: Any, engine_for: Any) -> list[list[int]]:
+                 save: Any) -> list[list[int]]:
     """Baselines (plain generate at batch 1 and one padded generate of all requests) and
     the static engine (one request; all of them concurrently) into `out`; returns the
     requests' prompt ids."""

@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.common import write_results
-from contextwise.types import Call, Message, Params, Reply
+from contextwise.types import Call, Reply
 
 MAX_TOKENS = 96
 SPECULATIVE_TOKENS = 10
@@ -101,9 +101,8 @@ CONTROL = [
 ]
 
 
-def _call(text: str) -> Call:
-    return Call(messages=[Message(role="user", content=text)],
-                params=Params(max_tokens=MAX_TOKENS, temperature=0))
+def _call(text: str, max_tokens: int = MAX_TOKENS) -> Call:
+    return Call.build([{"role": "user", "content": text}], max_tokens=max_tokens)
 
 
 def _same(a: Reply, b: Reply) -> bool:
@@ -194,8 +193,7 @@ def main() -> dict[str, Any]:
                          speculative_tokens=SPECULATIVE_TOKENS)
     drafts = _DraftPasses(plain.model)
     for b in (plain, lookup, draft):  # warm-up
-        b.generate([Call(messages=[Message(role="user", content="Hi")],
-                         params=Params(max_tokens=4))])
+        b.generate([_call("Hi", 4)])
     quote = _workload(QUOTE, plain, lookup, draft, drafts)
     control = _workload(CONTROL, plain, lookup, draft, drafts)
     metrics: dict[str, Any] = {

@@ -17,21 +17,14 @@ import pytest
 from contextwise.backends.engine import BatchingEngine
 from contextwise.backends.static_decode import StaticDecoder, supported
 from pydantic import ValidationError
+from test_engine import QUESTIONS, call, same
 
 from contextwise.errors import Cancelled, InputError
 from contextwise.policy import Local
-from contextwise.types import Call, Reply
+from contextwise.types import Reply
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-QUESTIONS = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain.",
-             "How do I boil an egg?", "What is 2+2?", "Why is the sky blue?"]
-
-
-def call(text: str, **params: Any) -> Call:
-    return Call.build([{"role": "user", "content": text}], **params)
-
 
 def tiny(kind: str = "llama", device: str = "cpu", dtype: Any = None) -> Any:
     cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
@@ -181,7 +174,7 @@ def test_a_failing_pass_fails_its_callers_and_frees_the_slots() -> None:
     reqs = [Req() for _ in range(3)]
     runner = ContinuousRunner(
         _FlakyDecoder(), eos=7, steps=2,
-        make_row=lambda req, slot: _Active(req, slot, [1, 2], 4, None, None, 0.0, 1.0),
+        make_row=lambda req, slot: _Active(req, [1, 2], 4, None, None, slot=slot),
         complete=lambda row, size: done.append((row.req, row.error)),
         poll=lambda limit: [], decode_text=lambda ids: "")
     runner.run(reqs)  # two rows take the slots; the third waits; the decode fails
@@ -217,11 +210,6 @@ def engine(local: Any) -> Iterator[BatchingEngine]:
     with BatchingEngine(local, max_batch=8, max_wait_ms=200, static_decode="on",
                         decode_steps=4, kv_cache_mb=512) as e:
         yield e
-
-
-def same(a: Reply, b: Reply) -> None:
-    assert a.message.content == b.message.content
-    assert a.usage == b.usage and a.finish_reason == b.finish_reason
 
 
 @pytest.mark.model
