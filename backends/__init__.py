@@ -51,7 +51,8 @@ def build_backend(spec: Local, budget: Budget) -> Backend:
                               max_queue=spec.max_queue, static_decode=spec.static_decode,
                               decode_steps=spec.decode_steps, cuda_graphs=spec.cuda_graphs,
                               kv_cache_mb=spec.kv_cache_mb,
-                              compile_decode=spec.compile_decode)
+                              compile_decode=spec.compile_decode,
+                              decode_kernels=spec.decode_kernels)
     return backend
 
 

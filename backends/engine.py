@@ -19,8 +19,9 @@ once, it never grows without end) to one worker thread, which takes up to
   whose system part the prefix KV cache takes (see `LocalBackend.system_prefix`)
   run on the backend's own single-request path, still in queue order; so does a
   compatible group of one (which is where `Local(speculative="prompt_lookup")`
-  applies: under load requests batch, a request that runs alone speculates). A backend that is not a `LocalBackend` gets each
-  compatible group as one `generate(calls)` (the batch-native contract).
+  applies: under load requests batch, a request that runs alone speculates). A
+  backend that is not a `LocalBackend` gets each compatible group as one
+  `generate(calls)` (the batch-native contract).
 - Per row: its own `max_tokens`, stop strings (transformers' StopStringCriteria,
   as on the single path), stream (`call.on_delta`, held back like the single
   path's so the deltas add up to the final text) and cancellation: when a row's
@@ -37,8 +38,11 @@ model, "on" also on CPU, "off"): the batchable requests go to a
 slots (`max_batch`, or fewer if `kv_cache_mb` holds fewer), decode steps replayed
 as CUDA graphs (`decode_steps` greedy tokens per replay), requests admitted into
 free slots between chunks (continuous batching), and queued calls the slots
-can't take run on the single path between chunks. Built on the first batch;
-`stats()["static_decode"]` says "on" or why not, `stats()["static"]` its counters.
+can't take run on the single path between chunks. `decode_kernels="triton"`
+computes each decode layer with five fused Triton kernels (backends/triton_decode.py)
+instead of PyTorch ops. Built on the first batch; `stats()["static_decode"]` says
+"on" or why not, `stats()["static"]` its counters (and `kernels_note` when the
+Triton kernels were asked for but could not run).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from contextwise.backends.base import Backend
 from contextwise.backends.chat_format import TOOL_CALL_OPEN
 from contextwise.backends.continuous import ContinuousRunner, Row, _Active
 from contextwise.backends.local import LocalBackend, _DeltaStreamer
+from contextwise.backends.static_decode import KERNELS
 
 from contextwise.errors import BackendError, ContextOverflow, InputError, Overloaded
 from contextwise.types import Call, Message, Reply, Tool
@@ -91,7 +96,8 @@ class BatchingEngine(Backend):
     def __init__(self, backend: Backend, max_batch: int = 16, max_wait_ms: float = 5.0,
                  max_queue: int = 256, idle_exit_s: float = 30.0, static_decode: str = "auto",
                  decode_steps: int = 8, cuda_graphs: bool = True,
-                 kv_cache_mb: float | None = None, compile_decode: bool = False):
+                 kv_cache_mb: float | None = None, compile_decode: bool = False,
+                 decode_kernels: str = "torch"):
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
                                  ("max_wait_ms", max_wait_ms, 0), ("idle_exit_s", idle_exit_s, 0),
                                  ("decode_steps", decode_steps, 1)):
@@ -100,6 +106,9 @@ class BatchingEngine(Backend):
         if static_decode not in STATIC_MODES:
             raise InputError("static_decode",
                              f"must be one of {STATIC_MODES}, got {static_decode!r}")
+        if decode_kernels not in KERNELS:
+            raise InputError("decode_kernels",
+                             f"must be one of {KERNELS}, got {decode_kernels!r}")
         if kv_cache_mb is not None and (not isinstance(kv_cache_mb, (int, float))
                                         or isinstance(kv_cache_mb, bool) or kv_cache_mb <= 0):
             raise InputError("kv_cache_mb", f"must be a number > 0 or None, got {kv_cache_mb!r}")
@@ -107,6 +116,7 @@ class BatchingEngine(Backend):
         self.decode_steps = int(decode_steps)
         self.cuda_graphs = bool(cuda_graphs)
         self.compile_decode = bool(compile_decode)
+        self.decode_kernels = decode_kernels
         self.kv_cache_mb = kv_cache_mb
         self._runner: ContinuousRunner | None = None
         self._static_reason: str | None = None  # why static decoding is off, once decided
@@ -204,7 +214,8 @@ class BatchingEngine(Backend):
                              "max_len": self._runner.decoder.max_len,
                              "kv_cache_mb": round(self._runner.decoder.kv_bytes / 2**20, 1),
                              "fused": self._runner.decoder.fused is not None,
-                             "compiled": self._runner.decoder.compiled}
+                             "compiled": self._runner.decoder.compiled,
+                             "kernels": self._runner.decoder.kernels}
         return out
 
     def close(self) -> None:
@@ -363,7 +374,8 @@ class BatchingEngine(Backend):
                     with b._lock:  # fusing q/k/v rewrites the weights: not under a generate
                         decoder = StaticDecoder(
                             model, slots, max_len, cuda_graphs=self.cuda_graphs, lock=b._lock,
-                            compile=self.compile_decode, eos=b.tokenizer.eos_token_id)
+                            compile=self.compile_decode, eos=b.tokenizer.eos_token_id,
+                            kernels=self.decode_kernels)
                     decoder.warm_up()  # compiling (if asked) before the first chunk
                     self._runner = ContinuousRunner(
                         decoder, b.tokenizer.eos_token_id, self.decode_steps,

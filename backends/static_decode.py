@@ -16,12 +16,13 @@ The model's own weights and rotary tables do the work. With plain float
 linears, q/k/v and gate/up are fused into one matmul each (the modules' weights
 become views of the fused tensors) and a decode layer is one pure function of
 tensors (`compile=True` runs it through torch.compile: one compile for every
-layer and shape); quantized linears keep the module path, so they behave as in
-transformers. Only the attention over the static cache and the cache writes are
-written here. Each
-slot has its own position, so sequences of different lengths decode together
-and a finished slot takes a new sequence while the others go on (continuous
-batching; `backends/continuous.py` schedules it).
+layer and shape; `kernels="triton"` runs it as five fused Triton kernels,
+backends/triton_decode.py); quantized linears keep the module path, so they
+behave as in transformers. Only the attention over the static cache and the
+cache writes are written here. Each slot has its own position, so sequences of
+different lengths decode together and a finished slot takes a new sequence
+while the others go on (continuous batching; `backends/continuous.py`
+schedules it).
 
 A decode step over `n` slots attends over the first `L` cache positions with
 a per-slot mask (`position <= pos`): graphs are captured lazily per (n, L)
@@ -40,8 +41,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["StaticDecoder", "cache_dtype", "kv_bytes_per_slot", "supported"]
+__all__ = ["KERNELS", "StaticDecoder", "cache_dtype", "kv_bytes_per_slot", "supported"]
 
+KERNELS = ("torch", "triton")  # what computes a decode layer
 _ARCHITECTURES = {"llama", "mistral", "qwen2"}
 _ROPE_TYPES = {"default", "linear", "llama3", "yarn", "longrope"}  # position-only tables
 _MIN_L = 128  # the smallest attention window a graph is captured for
@@ -87,7 +89,8 @@ class StaticDecoder:
     worker) drives it."""
 
     def __init__(self, model: Any, slots: int, max_len: int, cuda_graphs: bool = True,
-                 lock: Any = None, compile: bool = False, eos: int | None = None):
+                 lock: Any = None, compile: bool = False, eos: int | None = None,
+                 kernels: str = "torch"):
         import torch
 
         reason = supported(model)
@@ -115,7 +118,8 @@ class StaticDecoder:
             positions = torch.arange(self.max_len, device=self.device)[None]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
             cos, sin = self.inner.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [max_len, D]
+        self.cos = cos[0].to(self.dtype).contiguous()  # [max_len, D]
+        self.sin = sin[0].to(self.dtype).contiguous()
         self.arange = torch.arange(self.max_len, device=self.device)
         self.rows = torch.arange(self.slots, device=self.device)
         # Graph inputs/outputs live in fixed buffers; the host copies into them.
@@ -136,20 +140,53 @@ class StaticDecoder:
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
         self._decode_layer = _decode_layer_for(self.heads, self.kv_heads, self.head_dim,
                                                self.eps, self.scale)
-        self.compiled = bool(compile) and self.fused is not None
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        # "triton": the five fused kernels of backends/triton_decode.py per layer
+        self.kernels, self.triton = "torch", None
+        self.stats: dict[str, Any] = {}
+        if kernels == "triton":
+            why = self._triton_unusable()
+            if why is None:
+                from contextwise.backends.triton_decode import TritonLayers
+
+                self.triton = TritonLayers(self.heads, self.kv_heads, self.head_dim,
+                                           self.eps, self.scale)
+                self.kernels = "triton"
+            else:
+                self.stats["kernels_note"] = f"triton kernels off: {why}"
+        self.compiled = bool(compile) and self.fused is not None and self.triton is None
         if self.compiled:
             # One compile serves every layer and every (n, window): those two sizes are
             # symbolic, everything else (weights, the model's constants) static, so a
             # coincidence such as n == head_dim can't specialize (and recompile) it.
             self._decode_layer = _symbolic(torch.compile(self._decode_layer))
-        self.stats = {"graphs_captured": 0, "replays": 0, "eager_steps": 0, "prefills": 0}
+        self.stats.update({"graphs_captured": 0, "replays": 0, "eager_steps": 0,
+                           "prefills": 0})
+
+    def _triton_unusable(self) -> str | None:
+        from contextwise.backends.triton_decode import available
+
+        if available() is not None:
+            return available()
+        if self.fused is None:
+            return "they need plain float linears (this model's are quantized or unusual)"
+        if self.device.type != "cuda":
+            import triton
+
+            if not triton.knobs.runtime.interpret:
+                return "they need CUDA (or Triton's interpreter, TRITON_INTERPRET=1: tests)"
+        if self.head_dim < 32 or self.head_dim & (self.head_dim - 1):
+            return f"head_dim {self.head_dim} is not a power of two >= 32"
+        return None
 
     def warm_up(self) -> None:
         """Compile the decode layer now (n = 1, and n > 1), not on the first requests;
-        a no-op unless compiled. Writes only garbage past position 0 of slots 0 and 1."""
+        a no-op unless compiled or on the Triton kernels (on CUDA: they compile on first
+        use). Writes only garbage past position 0 of slots 0 and 1."""
         import torch
 
-        if not self.compiled:
+        if not (self.compiled or (self.triton is not None and self.device.type == "cuda")):
             return
         with self._lock, torch.inference_mode():
             for n in sorted({1, min(2, self.slots)}):
@@ -159,14 +196,14 @@ class StaticDecoder:
 
     @classmethod
     def build(cls, model: Any, slots: int, max_len: int, cuda_graphs: bool = True,
-              lock: Any = None, compile: bool = False, eos: int | None = None
-              ) -> StaticDecoder | None:
+              lock: Any = None, compile: bool = False, eos: int | None = None,
+              kernels: str = "torch") -> StaticDecoder | None:
         """A decoder for `model`, or None when its architecture is not supported."""
         if supported(model) is not None:
             return None
         try:
             return cls(model, slots, max_len, cuda_graphs=cuda_graphs, lock=lock,
-                       compile=compile, eos=eos)
+                       compile=compile, eos=eos, kernels=kernels)
         except ValueError:
             return None
 
@@ -240,6 +277,13 @@ class StaticDecoder:
         import torch.nn.functional as F
 
         pos = self.pos[:n].clamp(max=self.max_len - 1)
+        if self.triton is not None:  # attends over each row's own length: no mask
+            assert self.fused is not None
+            x = self.inner.embed_tokens(self.tokens[:n])
+            for i, weights in enumerate(self.fused):
+                x = self.triton.layer(x, weights, self.k[i], self.v[i], pos, self.cos,
+                                      self.sin, window)
+            return self._logits(x)
         rows = self.rows[:n]
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # [n, 1, D]
         mask = (self.arange[:window][None, :] <= pos[:, None])[:, None, None, :]
@@ -321,22 +365,44 @@ class StaticDecoder:
         if ban_eos is not None:
             ban_t[:n] = torch.as_tensor(ban_eos, dtype=torch.long)
         with self._lock, torch.inference_mode():
-            self.tokens[:bucket].copy_(tok_t, non_blocking=True)
-            self.pos[:bucket].copy_(pos_t, non_blocking=True)
-            self.ban[:bucket].copy_(ban_t, non_blocking=True)
-            if self.cuda_graphs:
-                try:
-                    out, logits = self._replay(bucket, window, steps)
-                except Exception as e:  # noqa: BLE001  (a failed capture: go on without graphs)
-                    self._graphs_failed(e)
-                    self.tokens[:bucket].copy_(tok_t)
-                    self.pos[:bucket].copy_(pos_t)
-                    self.ban[:bucket].copy_(ban_t)
-                    out, logits = self._run(bucket, window, steps)
-            else:
-                out, logits = self._run(bucket, window, steps)
-                self.stats["eager_steps"] += steps
+            try:
+                out, logits = self._steps(bucket, window, steps, (tok_t, pos_t, ban_t))
+            except Exception as e:
+                if self.triton is None:
+                    raise
+                self._triton_failed(e)  # an experimental kernel must not fail the call
+                out, logits = self._steps(bucket, window, steps, (tok_t, pos_t, ban_t))
             return out[:n].cpu(), logits[:n]
+
+    def _steps(self, bucket: int, window: int, steps: int, inputs: tuple) -> tuple[Any, Any]:
+        """Copy (tokens, positions, EOS bans) into the device buffers and run the steps: a
+        graph replay (captured on first use), or eager steps without graphs."""
+        def load(blocking: bool) -> None:
+            for buffer, values in zip((self.tokens, self.pos, self.ban), inputs, strict=True):
+                buffer[:bucket].copy_(values, non_blocking=not blocking)
+
+        load(blocking=False)
+        if self.cuda_graphs:
+            try:
+                return self._replay(bucket, window, steps)
+            except Exception as e:
+                if self.triton is not None:
+                    raise  # the kernels' fault, maybe: decode() retries on the torch kernels
+                self._graphs_failed(e)  # a failed capture: go on without graphs
+                load(blocking=True)
+        self.stats["eager_steps"] += steps
+        return self._run(bucket, window, steps)
+
+    def _triton_failed(self, error: BaseException) -> None:
+        """The torch kernels from now on; graphs captured with Triton's are dropped."""
+        import torch
+
+        self.triton, self.kernels = None, "torch"
+        self._graphs.clear()
+        self.stats["kernels_note"] = (f"triton kernels failed, torch kernels since: "
+                                      f"{type(error).__name__}: {str(error)[:200]}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # -- CUDA graphs
 

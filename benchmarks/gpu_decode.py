@@ -18,8 +18,12 @@ generation_config.min_new_tokens, which both paths honour). In one process:
 3. the decoder alone at batch 1 with 1 and 8 steps per replay, and without graphs;
 4. greedy equality of the static engine against the single-request path, in
    bf16 and in fp32;
-5. optional (--compile, time permitting): the same with the decode step
-   compiled by torch.compile (inductor) before capture; int8 weights.
+5. the same engine with `decode_kernels="triton"` (five fused Triton kernels a
+   layer, backends/triton_decode.py): the decoder alone at batch 1 for a few
+   tile sizes, the engine at batch 1 and N, the kernel profile (`*_triton*`
+   keys; run right after 1-2; --no-triton skips it), greedy equality in 4;
+6. optional (--compile, time permitting): the decode step compiled by
+   torch.compile (inductor) before capture; int8 weights.
 
 Writes gpu_decode.json (flat keys, the card named) to --out after every phase.
 """
@@ -44,6 +48,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also torch.compile the step")
     parser.add_argument("--no-int8", dest="int8", action="store_false",
                         help="skip the int8-weights row")
+    parser.add_argument("--no-triton", dest="triton", action="store_false",
+                        help="skip the Triton kernel rows")
     parser.add_argument("--budget-s", type=float, default=420,
                         help="optional phases start only before this many seconds")
     args = parser.parse_args()
@@ -86,6 +92,13 @@ def main() -> None:
     log("model loaded")
 
     enc = decode_speed(plain, questions, new, out, log, save)
+    if args.triton:
+        try:
+            triton_rows(plain, questions, enc[0], new, out, args.out, log, save)
+        except Exception as e:  # noqa: BLE001  (record it, keep the rest)
+            out["triton_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            log(f"triton rows failed: {out['triton_error']}")
+        save()
 
     # 3. the decoder alone at batch 1: steps per replay, graphs on/off
     prompt = enc[0]
@@ -122,12 +135,17 @@ def main() -> None:
             lb = LocalBackend(loaded=load_model(str(folder), device=args.device, dtype=dtype),
                               prefix_cache_mb=0)
         seq = [lb.generate([bb.chat(q, 32)])[0].text for q in few]
-        for compiled in (False, True) if args.compile else (False,):
-            eng = engine_for(lb, len(few), compile_decode=compiled)
+        variants = [("", {})]
+        if args.compile:
+            variants.append(("_compiled", {"compile_decode": True}))
+        if args.triton:
+            variants.append(("_triton", {"decode_kernels": "triton"}))
+        for tag, kw in variants:
+            eng = engine_for(lb, len(few), **kw)
             got, _, _ = bb.concurrent(eng, few, 32, check=False)
             eng.close()
             same = sum(a == b for a, b in zip(seq, got, strict=True))
-            key = f"static{'_compiled' if compiled else ''}_greedy_identical_{dtype}"
+            key = f"static{tag}_greedy_identical_{dtype}"
             out[key] = f"{same}/{len(few)}"
             log(f"{key}: {same}/{len(few)}")
     save()
@@ -169,6 +187,59 @@ def main() -> None:
     out["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     save()
     print(json.dumps(out, indent=2))
+
+
+def triton_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
+                out: dict[str, Any], folder: Path, log: Any, save: Any) -> None:
+    """The Triton kernels: decoder alone at batch 1 per tile size, the engine at batch 1
+    and N, the kernel profile (greedy equality is phase 4's)."""
+    import torch
+    from contextwise.backends.static_decode import StaticDecoder
+
+    from benchmarks import backend as bb
+
+    model = plain.model
+    gpu = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    sweep = {}
+    for tiles in ({}, {"bn_small": 32}, {"bk": 64}, {"bn_small": 32, "bk": 256}):
+        dec = StaticDecoder(model, slots=1, max_len=1024, kernels="triton")
+        if dec.triton is None:
+            raise RuntimeError(dec.stats["kernels_note"])
+        dec.triton.tiles.update(tiles)
+        name = ",".join(f"{k}={v}" for k, v in sorted(dec.triton.tiles.items()))
+        for _ in range(2):  # the first round compiles and captures
+            first = int(dec.prefill([0], [prompt])[0].argmax())
+            pos, token, made = len(prompt), first, 0
+            sync()
+            t0 = time.perf_counter()
+            while made < new:
+                toks, _ = dec.decode(1, [token], [pos], steps=8)
+                token, pos, made = int(toks[0, -1]), pos + 8, made + 8
+            sync()
+        sweep[name] = round(made / (time.perf_counter() - t0), 1)
+        log(f"triton decoder bs1 {name}: {sweep[name]} tok/s")
+        del dec
+    out["decoder_bs1_triton_sweep"] = sweep
+    out["decoder_bs1_triton_tok_s"] = max(sweep.values())
+    save()
+    with bb.min_new_tokens(model, new):
+        for batch, qs, key in ((1, questions[:1], "gpu_bs1_tok_s_triton"),
+                               (len(questions), questions, "gpu_256_tok_s_triton")):
+            eng = engine_for(plain, batch, decode_kernels="triton",
+                             kv_cache_mb=1024 if batch == 1 else None)
+            bb.concurrent(eng, qs, new)  # warm-up: compiles and captures
+            sync()
+            _, lat, secs = bb.concurrent(eng, qs, new)
+            out[key] = round(len(qs) * new / secs, 1)
+            out[f"{key}_stats"] = eng.stats().get("static")
+            if batch > 1:
+                out["gpu_256_latency_p50_s_triton"] = round(statistics.median(lat), 3)
+            eng.close()
+            log(f"{key}: {out[key]}")
+            save()
+    if gpu:
+        profile_steps(out, folder, model, prompt, len(questions), log, kernels="triton")
 
 
 def engine_for(backend: Any, batch: int, **kw: Any) -> Any:
@@ -255,7 +326,7 @@ def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any]
 
 
 def profile_steps(out: dict[str, Any], folder: Path, model: Any, prompt: list[int], n: int,
-                  log: Any, compiled: bool = False) -> None:
+                  log: Any, compiled: bool = False, kernels: str = "torch") -> None:
     """Kernels of three eager decode steps (no graph) at batch 1 and n: the top 12 by GPU time."""
     import torch
     from contextwise.backends.static_decode import StaticDecoder
@@ -263,7 +334,7 @@ def profile_steps(out: dict[str, Any], folder: Path, model: Any, prompt: list[in
 
     for rows in (1, n):
         dec = StaticDecoder(model, slots=rows, max_len=1024, cuda_graphs=False,
-                            compile=compiled)
+                            compile=compiled, kernels=kernels)
         dec.warm_up()
         dec.prefill(list(range(rows)), [prompt] * rows)
         args_ = (rows, [1] * rows, [len(prompt)] * rows)
@@ -274,7 +345,8 @@ def profile_steps(out: dict[str, Any], folder: Path, model: Any, prompt: list[in
                 dec.decode(*args_)
             torch.cuda.synchronize()
         events = prof.key_averages()
-        tag = f"profile{'_compiled' if compiled else ''}_n{rows}"
+        tag = (f"profile{'_compiled' if compiled else ''}"
+               f"{'_triton' if kernels == 'triton' else ''}_n{rows}")
         (folder / f"{tag}.txt").write_text(
             events.table(sort_by="self_device_time_total", row_limit=12))
         total = sum(e.self_device_time_total for e in events) / 3

@@ -317,6 +317,14 @@ class Local(_Strict):
         "before graph capture, fusing its small ops (one compile, shapes symbolic; the "
         "first request waits for it: tens of seconds). Plain float weights only"
     )
+    decode_kernels: Literal["torch", "triton"] = Field(
+        "torch", description="static decoding: what computes a decode layer. 'torch': "
+        "PyTorch ops (~28 kernels a layer); 'triton' (experimental): five fused Triton "
+        "kernels a layer (norm+qkv+rotary+cache write, attention over each row's own "
+        "length, o+residual, norm+gate/up+SiLU, down+residual). Needs CUDA, a llama/"
+        "mistral/qwen2 model with plain float weights and head_dim a power of two >= 32; "
+        "otherwise the torch kernels run and stats() says why"
+    )
     kv_cache_mb: float | None = Field(
         None, gt=0, description="static decoding: memory for the KV cache slots; None: 30% "
         "of the free GPU memory, 512 MB on CPU. max_batch slots of min(context window, "
@@ -356,6 +364,9 @@ class Local(_Strict):
             raise ValueError("draft_model / draft_layers need speculative='draft'")
         if self.draft_model is not None and self.draft_layers is not None:
             raise ValueError("draft_layers applies to the self-draft only (draft_model=None)")
+        if self.compile_decode and self.decode_kernels == "triton":
+            raise ValueError("compile_decode and decode_kernels='triton' are two ways to "
+                             "fuse the decode layer: pick one")
         c = self.cascade
         if c is not None and (c.model or self.model) == self.model \
                 and c.quantization == self.quantization:

@@ -1,0 +1,465 @@
+"""Fused Triton kernels for one decode step of a Llama-family layer on the static KV cache.
+
+    layers = TritonLayers.build(heads=9, kv_heads=3, head_dim=64, eps=1e-5)
+    layers.layer(x, fused_weights, k_cache, v_cache, pos, window)   # x [n, hidden], in place
+
+Why: in PyTorch a decode layer is ~28 kernels (norms, casts, rotary, cache
+writes, SDPA, matmuls, SiLU, adds) and at batch 1 each takes ~2 us however
+little it does, so a 30-layer model spends ~1.9 ms per token launching them
+(profiled on an H100: benchmarks/results/gpu_profile/). Here a layer is five
+kernels:
+
+1. RMSNorm + q/k/v matmul (+ bias) + rotary + the new key/value written into the
+   cache at each row's position (queries go to a scratch buffer);
+2. attention of each row's queries over its own cached positions 0..pos (the
+   loop stops at the row's length, not at the graph's window), online softmax,
+   the query heads sharing a kv head computed together; split along the
+   sequence (flash-decoding) when rows x kv heads are too few to fill the GPU,
+   then (2b) one small kernel combines the splits;
+3. o projection (+ bias) + residual, in place;
+4. RMSNorm + gate/up matmul (+ bias) + SiLU(gate) * up;
+5. down projection (+ bias) + residual, in place.
+
+The arithmetic follows transformers' Llama layer: RMSNorm in float32, the
+weight times the normalized row rounded to the activation dtype, each linear's
+output rounded to the activation dtype before the next operation, float32
+accumulation everywhere. Weights are the fused q/k/v and gate/up tensors of
+`static_decode._fuse_layers` (views of the model's own weights).
+
+On a machine without CUDA the same kernels run in Triton's interpreter (numpy):
+slow, for tests only. `compile_for_gpu` compiles them for a GPU architecture
+(e.g. sm_90) with no GPU present, which is how CI checks they lower.
+"""
+
+import functools
+import os
+from typing import Any
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CUDA builds of torch (and xgrammar) bring triton
+    triton = None
+    tl = None
+
+__all__ = ["TritonLayers", "available", "compile_for_gpu"]
+
+_BL = 64  # cached positions per attention block
+_MIN_SPLIT = 256  # positions per attention split at least
+_TARGET_PROGRAMS = 128  # attention programs to aim for (an H100 has 132 SMs)
+
+
+def available() -> str | None:
+    """Why the Triton kernels can't run here, or None when they can."""
+    if triton is None:
+        return "triton is not installed"
+    return None
+
+
+if triton is not None:
+
+    def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr,
+                       kc_ptr, vc_ptr, n, eps, s_slot, s_head, s_pos,
+                       HIDDEN: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                       D: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+                       BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """Grid (row blocks, heads + 2 * kv_heads): one head's D outputs for BM rows."""
+        HALF: tl.constexpr = D // 2
+        head = tl.program_id(1)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rmask = rows < n
+        dt = x_ptr.dtype.element_ty
+        ss = tl.zeros((BM,), dtype=tl.float32)
+        for k0 in range(0, HIDDEN, BK):
+            ks = k0 + tl.arange(0, BK)
+            xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
+                         mask=rmask[:, None] & (ks[None, :] < HIDDEN), other=0.0)
+            xv = xv.to(tl.float32)
+            ss += tl.sum(xv * xv, axis=1)
+        inv = tl.rsqrt(ss / HIDDEN + eps)
+        half = tl.arange(0, HALF)
+        out1 = head * D + half  # this head's weight rows, first half (rotary pairs i, i + D/2)
+        acc1 = tl.zeros((BM, HALF), dtype=tl.float32)
+        acc2 = tl.zeros((BM, HALF), dtype=tl.float32)
+        for k0 in range(0, HIDDEN, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < HIDDEN
+            xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
+            nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0)
+            normed = (xv.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32)
+            h = (nw.to(tl.float32)[None, :] * normed).to(dt)  # weight * normed.to(dtype)
+            w1 = tl.load(w_ptr + out1[None, :] * HIDDEN + ks[:, None], mask=kmask[:, None],
+                         other=0.0)
+            w2 = tl.load(w_ptr + (out1 + HALF)[None, :] * HIDDEN + ks[:, None],
+                         mask=kmask[:, None], other=0.0)
+            if UPCAST:  # the interpreter multiplies bf16 wrongly: float32 there
+                h = h.to(tl.float32)
+                w1 = w1.to(tl.float32)
+                w2 = w2.to(tl.float32)
+            if IEEE:
+                acc1 = tl.dot(h, w1, acc1, input_precision="ieee")
+                acc2 = tl.dot(h, w2, acc2, input_precision="ieee")
+            else:
+                acc1 = tl.dot(h, w1, acc1)
+                acc2 = tl.dot(h, w2, acc2)
+        if HAS_BIAS:
+            acc1 += tl.load(b_ptr + out1).to(tl.float32)[None, :]
+            acc2 += tl.load(b_ptr + out1 + HALF).to(tl.float32)[None, :]
+        y1 = acc1.to(dt).to(tl.float32)  # the linear's output, rounded as transformers' is
+        y2 = acc2.to(dt).to(tl.float32)
+        pos = tl.load(pos_ptr + rows, mask=rmask, other=0)
+        if head < HEADS + KV_HEADS:  # queries and keys: rotary (rotate_half convention)
+            at = pos[:, None] * D + half[None, :]
+            c1 = tl.load(cos_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)
+            c2 = tl.load(cos_ptr + at + HALF, mask=rmask[:, None], other=0.0).to(tl.float32)
+            s1 = tl.load(sin_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)
+            s2 = tl.load(sin_ptr + at + HALF, mask=rmask[:, None], other=0.0).to(tl.float32)
+            r1 = y1 * c1 - y2 * s1
+            r2 = y2 * c2 + y1 * s2
+        else:
+            r1 = y1
+            r2 = y2
+        slot = rows.to(tl.int64)[:, None] * s_slot  # a big cache passes 2**31 elements
+        if head < HEADS:
+            dst = q_ptr + rows[:, None] * (HEADS * D) + head * D + half[None, :]
+        elif head < HEADS + KV_HEADS:
+            dst = (kc_ptr + slot + (head - HEADS) * s_head + pos[:, None] * s_pos
+                   + half[None, :])
+        else:
+            dst = (vc_ptr + slot + (head - HEADS - KV_HEADS) * s_head + pos[:, None] * s_pos
+                   + half[None, :])
+        tl.store(dst, r1.to(dt), mask=rmask[:, None])
+        tl.store(dst + HALF, r2.to(dt), mask=rmask[:, None])
+
+    def _attend(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr, scale, chunk,
+                s_slot, s_head, s_pos,
+                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                GROUP: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr,
+                SPLITS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """Grid (rows, kv_heads, SPLITS): the GROUP query heads of one kv head of one row
+        over cached positions [split * chunk, min(pos + 1, (split + 1) * chunk))."""
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        g = tl.arange(0, BG)
+        d = tl.arange(0, D)
+        gmask = g < GROUP
+        qh = kvh * GROUP + g
+        dt = q_ptr.dtype.element_ty
+        q = tl.load(q_ptr + row * (HEADS * D) + qh[:, None] * D + d[None, :],
+                    mask=gmask[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        end = tl.load(pos_ptr + row) + 1
+        lo = split * chunk
+        hi = tl.minimum(end, lo + chunk)
+        m = tl.full((BG,), float("-inf"), dtype=tl.float32)
+        l_sum = tl.zeros((BG,), dtype=tl.float32)
+        acc = tl.zeros((BG, D), dtype=tl.float32)
+        at = row.to(tl.int64) * s_slot + kvh * s_head  # a big cache passes 2**31 elements
+        kbase = kc_ptr + at
+        vbase = vc_ptr + at
+        for start in range(lo, hi, BL):
+            keys = start + tl.arange(0, BL)
+            kmask = keys < hi
+            k = tl.load(kbase + keys[None, :] * s_pos + d[:, None], mask=kmask[None, :],
+                        other=0.0)
+            v = tl.load(vbase + keys[:, None] * s_pos + d[None, :], mask=kmask[:, None],
+                        other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            if IEEE:
+                s = tl.dot(q, k, input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, k) * scale
+            s = tl.where(kmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))  # each block has a valid key: finite
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        if SPLITS == 1:
+            tl.store(o_ptr + row * (HEADS * D) + qh[:, None] * D + d[None, :],
+                     (acc / l_sum[:, None]).to(dt), mask=gmask[:, None])
+        else:  # unnormalized partials; an empty split leaves m = -inf, l = 0
+            at = (row * HEADS + qh) * SPLITS + split
+            tl.store(part_ptr + at[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+            tl.store(ml_ptr + at * 2, m, mask=gmask)
+            tl.store(ml_ptr + at * 2 + 1, l_sum, mask=gmask)
+
+    def _combine(part_ptr, ml_ptr, o_ptr, HEADS: tl.constexpr, D: tl.constexpr,
+                 SPLITS: tl.constexpr):
+        """Grid (rows, heads): the splits of one head of one row, weighted by their maxima."""
+        row = tl.program_id(0)
+        h = tl.program_id(1)
+        sp = tl.arange(0, SPLITS)
+        d = tl.arange(0, D)
+        at = (row * HEADS + h) * SPLITS + sp
+        m = tl.load(ml_ptr + at * 2)
+        l_sum = tl.load(ml_ptr + at * 2 + 1)
+        w = tl.exp(m - tl.max(m, axis=0))  # split 0 always holds position 0: the max is finite
+        acc = tl.load(part_ptr + at[:, None] * D + d[None, :])
+        o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
+        tl.store(o_ptr + (row * HEADS + h) * D + d, o.to(o_ptr.dtype.element_ty))
+
+    def _matmul_add(a_ptr, w_ptr, b_ptr, x_ptr, n, N: tl.constexpr, K: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """x[:, cols] += a @ w[cols].T (+ bias), in place. Grid (row blocks, N / BN)."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        rmask = rows < n
+        cmask = cols < N
+        dt = x_ptr.dtype.element_ty
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < K
+            a = tl.load(a_ptr + rows[:, None] * K + ks[None, :],
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * K + ks[:, None],
+                        mask=cmask[None, :] & kmask[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        y = acc.to(dt).to(tl.float32)
+        at = x_ptr + rows[:, None] * N + cols[None, :]
+        both = rmask[:, None] & cmask[None, :]
+        x = tl.load(at, mask=both, other=0.0).to(tl.float32)
+        tl.store(at, (x + y).to(dt), mask=both)
+
+    def _norm_gate_up(x_ptr, nw_ptr, w_ptr, b_ptr, h_ptr, n, eps, HIDDEN: tl.constexpr,
+                      INTER: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+                      IEEE: tl.constexpr):
+        """h[:, cols] = silu(gate) * up of the normed rows. Grid (row blocks, INTER / BN)."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        rmask = rows < n
+        cmask = cols < INTER
+        dt = x_ptr.dtype.element_ty
+        ss = tl.zeros((BM,), dtype=tl.float32)
+        for k0 in range(0, HIDDEN, BK):
+            ks = k0 + tl.arange(0, BK)
+            xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
+                         mask=rmask[:, None] & (ks[None, :] < HIDDEN), other=0.0)
+            xv = xv.to(tl.float32)
+            ss += tl.sum(xv * xv, axis=1)
+        inv = tl.rsqrt(ss / HIDDEN + eps)
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, HIDDEN, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < HIDDEN
+            xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
+                         mask=rmask[:, None] & kmask[None, :], other=0.0)
+            nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0)
+            normed = (xv.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32)
+            h = (nw.to(tl.float32)[None, :] * normed).to(dt)  # weight * normed.to(dtype)
+            wmask = cmask[None, :] & kmask[:, None]
+            wg = tl.load(w_ptr + cols[None, :] * HIDDEN + ks[:, None], mask=wmask, other=0.0)
+            wu = tl.load(w_ptr + (INTER + cols)[None, :] * HIDDEN + ks[:, None], mask=wmask,
+                         other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+                wg = wg.to(tl.float32)
+                wu = wu.to(tl.float32)
+            if IEEE:
+                acc_g = tl.dot(h, wg, acc_g, input_precision="ieee")
+                acc_u = tl.dot(h, wu, acc_u, input_precision="ieee")
+            else:
+                acc_g = tl.dot(h, wg, acc_g)
+                acc_u = tl.dot(h, wu, acc_u)
+        if HAS_BIAS:
+            acc_g += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(b_ptr + INTER + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        gate = acc_g.to(dt).to(tl.float32)
+        up = acc_u.to(dt).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)  # F.silu's rounding
+        tl.store(h_ptr + rows[:, None] * INTER + cols[None, :], (act * up).to(dt),
+                 mask=rmask[:, None] & cmask[None, :])
+
+    _KERNELS = {"norm_qkv_rope": _norm_qkv_rope, "attend": _attend, "combine": _combine,
+                "matmul_add": _matmul_add, "norm_gate_up": _norm_gate_up}
+
+
+@functools.cache
+def _jitted() -> dict[str, Any]:
+    return {name: triton.jit(fn) for name, fn in _KERNELS.items()}
+
+
+def _kernels(device: Any) -> dict[str, Any]:
+    """The kernels for tensors on `device`: compiled for CUDA, or, elsewhere, run by
+    Triton's interpreter, which has to be on (TRITON_INTERPRET=1) before triton is
+    first imported, for triton's own library functions to be interpretable too."""
+    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError("the Triton decode kernels need CUDA; on a CPU they run only in "
+                         "Triton's interpreter (TRITON_INTERPRET=1 set before triton is "
+                         "imported: for tests, slow)")
+    return _jitted()
+
+
+def _pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+class TritonLayers:
+    """The five-kernel decode layer for one model's shapes. Stateless apart from the
+    shapes: scratch buffers come from the caller's allocator (a CUDA graph's pool)."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, eps: float, scale: float,
+                 tiles: dict[str, int] | None = None):
+        reason = available()
+        if reason is not None:
+            raise ValueError(f"Triton decode kernels unavailable: {reason}")
+        if heads % kv_heads:
+            raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+        if head_dim < 32 or head_dim & (head_dim - 1):
+            raise ValueError(f"head_dim must be a power of two >= 32, got {head_dim}")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.group = heads // kv_heads
+        self.eps, self.scale = float(eps), float(scale)
+        # Output columns per matmul program at <= 16 rows and above; the reduction block.
+        # Untuned defaults: benchmarks/gpu_decode.py tries others on a GPU.
+        self.tiles = {"bn_small": 16, "bn_large": 64, "bk": 128, **(tiles or {})}
+
+    def splits(self, n: int, window: int) -> int:
+        """Sequence splits for attention: enough programs to fill the GPU, each split at
+        least _MIN_SPLIT positions of the window, a power of two."""
+        s = 1
+        while (n * self.kv_heads * s < _TARGET_PROGRAMS and window // (s * 2) >= _MIN_SPLIT
+               and s < 64):
+            s *= 2
+        return s
+
+    def layer(self, x: Any, w: tuple, kc: Any, vc: Any, pos: Any, cos: Any, sin: Any,
+              window: int) -> Any:
+        """One decoder layer for one new token in each of rows 0..n-1 (cache slots
+        0..n-1): x [n, hidden] (updated in place and returned), `w` the fused weights of
+        `static_decode._fuse_layers`, kc/vc the layer's cache [slots, kv_heads, max_len,
+        D], pos [n] each row's position, cos/sin [max_len, D] the rotary tables, `window`
+        the most positions any row attends over (it sets the attention splits)."""
+        import torch
+
+        norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, down_w, down_b = w
+        n, hidden = x.shape
+        heads, kvh, d = self.heads, self.kv_heads, self.head_dim
+        inter = down_w.shape[1]
+        k = _kernels(x.device)
+        flags = {"UPCAST": x.device.type != "cuda", "IEEE": x.dtype == torch.float32}
+        bm = min(64, max(16, _pow2(n)))
+        bn = self.tiles["bn_small"] if n <= 16 else self.tiles["bn_large"]
+        bk = _block_k(self.tiles["bk"], x.dtype == torch.float32)
+        rows = triton.cdiv(n, bm)
+        s_slot, s_head, s_pos, _ = kc.stride()
+        q = torch.empty((n, heads * d), dtype=x.dtype, device=x.device)
+        k["norm_qkv_rope"][(rows, heads + 2 * kvh)](
+            x, norm1, qkv_w, qkv_b if qkv_b is not None else qkv_w, cos, sin, pos, q, kc, vc,
+            n, self.eps, s_slot, s_head, s_pos, HIDDEN=hidden, HEADS=heads, KV_HEADS=kvh,
+            D=d, HAS_BIAS=qkv_b is not None, BM=bm, BK=_bk(hidden, bk), **flags)
+        o = torch.empty_like(q)
+        splits = self.splits(n, window)
+        chunk = triton.cdiv(triton.cdiv(window, splits), _BL) * _BL
+        part = ml = o
+        if splits > 1:
+            part = torch.empty((n, heads, splits, d), dtype=torch.float32, device=x.device)
+            ml = torch.empty((n, heads, splits, 2), dtype=torch.float32, device=x.device)
+        k["attend"][(n, kvh, splits)](
+            q, kc, vc, pos, o, part, ml, self.scale, chunk, s_slot, s_head, s_pos,
+            HEADS=heads, KV_HEADS=kvh, D=d, GROUP=self.group, BG=max(16, _pow2(self.group)),
+            BL=_BL, SPLITS=splits, **flags)
+        if splits > 1:
+            k["combine"][(n, heads)](part, ml, o, HEADS=heads, D=d, SPLITS=splits)
+        k["matmul_add"][(rows, triton.cdiv(hidden, bn))](
+            o, o_w, o_b if o_b is not None else o_w, x, n, N=hidden, K=heads * d,
+            HAS_BIAS=o_b is not None, BM=bm, BN=bn, BK=_bk(heads * d, bk), **flags)
+        h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
+        k["norm_gate_up"][(rows, triton.cdiv(inter, bn))](
+            x, norm2, gu_w, gu_b if gu_b is not None else gu_w, h, n, self.eps,
+            HIDDEN=hidden, INTER=inter, HAS_BIAS=gu_b is not None, BM=bm, BN=bn,
+            BK=_bk(hidden, bk), **flags)
+        k["matmul_add"][(rows, triton.cdiv(hidden, bn))](
+            h, down_w, down_b if down_b is not None else down_w, x, n, N=hidden, K=inter,
+            HAS_BIAS=down_b is not None, BM=bm, BN=bn, BK=_bk(inter, bk), **flags)
+        return x
+
+
+def _block_k(block: int, fp32: bool) -> int:
+    """float32 tiles take twice the shared memory: at most 64 there (a 64 x 64 tile pair
+    at 128 would need ~230 KB, more than any GPU but an H100 has)."""
+    return min(block, 64) if fp32 else block
+
+
+def _bk(k: int, block: int = 128) -> int:
+    """The reduction block: `block`, or less for a small reduction (at least 16, tl.dot's
+    floor)."""
+    return max(16, min(block, _pow2(k)))
+
+
+def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, heads: int = 9,
+                    kv_heads: int = 3, head_dim: int = 64, inter: int = 1536,
+                    bm: int = 16, bn: int = 16, bk: int = 128, splits: int = 4
+                    ) -> dict[str, dict[str, int]]:
+    """Compile every kernel for CUDA compute capability `arch` without a GPU (Triton's
+    bundled ptxas), with the tiles `TritonLayers.layer` would pick; per kernel its
+    cubin size and shared memory in bytes. Raises if a kernel does not lower."""
+    if triton is None:
+        raise ValueError("triton is not installed")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a 3.9 notice only
+    p, f, i = f"*{dtype}", "*fp32", "*i64"
+    group = heads // kv_heads
+    flags = {"UPCAST": False, "IEEE": dtype == "fp32"}
+    bk = _block_k(bk, dtype == "fp32")
+    jobs = {
+        "norm_qkv_rope": (
+            {"x_ptr": p, "nw_ptr": p, "w_ptr": p, "b_ptr": p, "cos_ptr": p, "sin_ptr": p,
+             "pos_ptr": i, "q_ptr": p, "kc_ptr": p, "vc_ptr": p, "n": "i32", "eps": "fp32",
+             "s_slot": "i32", "s_head": "i32", "s_pos": "i32"},
+            {"HIDDEN": hidden, "HEADS": heads, "KV_HEADS": kv_heads, "D": head_dim,
+             "HAS_BIAS": True, "BM": bm, "BK": _bk(hidden, bk), **flags}),
+        "attend": (
+            {"q_ptr": p, "kc_ptr": p, "vc_ptr": p, "pos_ptr": i, "o_ptr": p, "part_ptr": f,
+             "ml_ptr": f, "scale": "fp32", "chunk": "i32", "s_slot": "i32", "s_head": "i32",
+             "s_pos": "i32"},
+            {"HEADS": heads, "KV_HEADS": kv_heads, "D": head_dim, "GROUP": group,
+             "BG": max(16, _pow2(group)), "BL": _BL, "SPLITS": splits, **flags}),
+        "combine": ({"part_ptr": f, "ml_ptr": f, "o_ptr": p},
+                    {"HEADS": heads, "D": head_dim, "SPLITS": splits}),
+        "matmul_add": (
+            {"a_ptr": p, "w_ptr": p, "b_ptr": p, "x_ptr": p, "n": "i32"},
+            {"N": hidden, "K": inter, "HAS_BIAS": True, "BM": bm, "BN": bn,
+             "BK": _bk(inter, bk), **flags}),
+        "norm_gate_up": (
+            {"x_ptr": p, "nw_ptr": p, "w_ptr": p, "b_ptr": p, "h_ptr": p, "n": "i32",
+             "eps": "fp32"},
+            {"HIDDEN": hidden, "INTER": inter, "HAS_BIAS": True, "BM": bm, "BN": bn,
+             "BK": _bk(hidden, bk), **flags}),
+    }
+    kernels = _jitted()
+    out = {}
+    for name, (signature, constexprs) in jobs.items():
+        fn = kernels[name]
+        sig = {**signature, **{c: "constexpr" for c in constexprs}}
+        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+        out[name] = {"cubin_bytes": len(compiled.asm["cubin"]),
+                     "shared_bytes": compiled.metadata.shared}
+    return out

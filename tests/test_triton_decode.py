@@ -1,0 +1,210 @@
+"""The fused Triton decode kernels (backends/triton_decode.py) and the decoder using them.
+
+On a GPU the kernel tests run directly. Without CUDA they run in Triton's
+interpreter, which must be on before triton is first imported:
+`test_the_kernels_in_the_interpreter` re-runs this file in a child pytest with
+TRITON_INTERPRET=1. The interpreter truncates float32 to bfloat16 (CUDA rounds)
+and mis-multiplies bfloat16, so the CPU checks are float32; bfloat16 equality
+is a GPU test. `compile_for_gpu` checks that every kernel lowers to an H100
+(sm_90) cubin, with no GPU present.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from contextwise.backends.static_decode import StaticDecoder, _decode_layer_for
+from pydantic import ValidationError
+from test_static_decode import PROMPTS, reference, static_greedy, tiny
+
+from contextwise.errors import InputError
+from contextwise.policy import Local
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+triton = pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = triton.knobs.runtime.interpret
+kernels_run = pytest.mark.skipif(not (CUDA or INTERPRETED),
+                                 reason="needs CUDA or Triton's interpreter (run by "
+                                 "test_the_kernels_in_the_interpreter)")
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def tiny32(kind: str = "llama", dtype: Any = None) -> Any:
+    """A tiny model with head_dim 32 (the kernels need a power of two >= 32)."""
+    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[kind]
+    cfg = cfg_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=128,
+                  max_position_embeddings=512, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return model.to(device=DEVICE, dtype=dtype or torch.float32).eval()
+
+
+def layer_inputs(n: int, positions: list[int], bias: bool, heads: int, kv_heads: int,
+                 dtype: Any = torch.float32, d: int = 32, hidden: int = 96,
+                 inter: int = 160, slots: int = 4, max_len: int = 512) -> dict[str, Any]:
+    torch.manual_seed(0)
+
+    def g(*shape: int) -> Any:
+        return (torch.randn(*shape) * 0.2).to(device=DEVICE, dtype=dtype)
+
+    qkv = (heads + 2 * kv_heads) * d
+    w = (1 + g(hidden), g(qkv, hidden), g(qkv) if bias else None, g(hidden, heads * d),
+         g(hidden) if bias else None, 1 + g(hidden), g(2 * inter, hidden),
+         g(2 * inter) if bias else None, g(hidden, inter), g(hidden) if bias else None)
+    angles = torch.arange(max_len)[:, None] * (1 / 10000 ** (torch.arange(0, d, 2) / d))[None]
+    table = torch.cat([angles, angles], -1)
+    return {"x": g(n, hidden), "w": w, "kc": g(slots, kv_heads, max_len, d),
+            "vc": g(slots, kv_heads, max_len, d),
+            "pos": torch.tensor(positions[:n], device=DEVICE),
+            "cos": table.cos().to(device=DEVICE, dtype=dtype),
+            "sin": table.sin().to(device=DEVICE, dtype=dtype)}
+
+
+def torch_layer(a: dict[str, Any], heads: int, kv_heads: int, d: int, window: int) -> tuple:
+    layer = _decode_layer_for(heads, kv_heads, d, 1e-5, d ** -0.5)
+    kc, vc, pos = a["kc"].clone(), a["vc"].clone(), a["pos"]
+    n = len(pos)
+    mask = (torch.arange(window, device=DEVICE)[None] <= pos[:, None])[:, None, None, :]
+    x = layer(a["x"].clone(), a["w"], kc, vc, torch.arange(n, device=DEVICE), pos,
+              a["cos"][pos][:, None], a["sin"][pos][:, None], mask)
+    return x, kc, vc
+
+
+def triton_layer(a: dict[str, Any], heads: int, kv_heads: int, d: int, window: int) -> tuple:
+    from contextwise.backends.triton_decode import TritonLayers
+
+    kc, vc = a["kc"].clone(), a["vc"].clone()
+    x = TritonLayers(heads, kv_heads, d, 1e-5, d ** -0.5).layer(
+        a["x"].clone(), a["w"], kc, vc, a["pos"], a["cos"], a["sin"], window)
+    return x, kc, vc
+
+
+# --------------------------------------------------------------------------- the kernels
+
+
+@kernels_run
+@pytest.mark.parametrize(("n", "positions", "bias", "heads", "kv_heads", "window"), [
+    (3, [5, 200, 0], True, 6, 2, 256),      # GQA, biases (qwen2), one attention split
+    (3, [5, 200, 0], False, 6, 2, 512),     # two splits: rows x kv heads are few
+    (1, [450], True, 4, 4, 512),            # one query head per kv head (MHA)
+    (2, [511, 64], False, 8, 1, 512),       # the last position; eight heads on one kv head
+])
+def test_a_layer_equals_the_torch_layer(n: int, positions: list[int], bias: bool, heads: int,
+                                        kv_heads: int, window: int) -> None:
+    from contextwise.backends.triton_decode import TritonLayers
+
+    a = layer_inputs(n, positions, bias, heads, kv_heads)
+    want_x, want_k, want_v = torch_layer(a, heads, kv_heads, 32, window)
+    got_x, got_k, got_v = triton_layer(a, heads, kv_heads, 32, window)
+    torch.testing.assert_close(got_x, want_x, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(got_k, want_k, atol=2e-5, rtol=1e-5)  # the new keys, rotated
+    torch.testing.assert_close(got_v, want_v, atol=2e-5, rtol=1e-5)
+    splits = TritonLayers(heads, kv_heads, 32, 1e-5, 1.0).splits(n, window)
+    assert (splits > 1) == (window == 512)  # rows x kv heads are always few here
+
+
+@kernels_run
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_decoder_with_triton_kernels_equals_transformers_greedy(kind: str) -> None:
+    model = tiny32(kind)
+    dec = StaticDecoder(model, slots=4, max_len=512, kernels="triton")
+    assert dec.kernels == "triton"
+    assert static_greedy(dec, PROMPTS, 12, 3) == [reference(model, p, 12) for p in PROMPTS]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_triton_kernels_under_cuda_graphs_equal_the_torch_kernels(dtype: str) -> None:
+    model = tiny32(dtype=getattr(torch, dtype))
+    want = static_greedy(StaticDecoder(model, slots=4, max_len=512, cuda_graphs=False),
+                         PROMPTS, 24, 4)
+    dec = StaticDecoder(model, slots=4, max_len=512, kernels="triton")
+    assert dec.kernels == "triton" and static_greedy(dec, PROMPTS, 24, 4) == want
+    assert dec.stats["graphs_captured"] >= 1 and "graph_error" not in dec.stats
+    if dtype == "bfloat16":  # real shapes: the kernels' bfloat16 arithmetic
+        a = layer_inputs(3, [5, 900, 0], True, 9, 3, dtype=torch.bfloat16, d=64, hidden=576,
+                         inter=1536, max_len=1024)
+        want_x = torch_layer(a, 9, 3, 64, 1024)[0].float()
+        got_x = triton_layer(a, 9, 3, 64, 1024)[0].float()
+        assert (got_x - want_x).abs().mean() < 0.02 * want_x.abs().mean()
+
+
+def test_the_kernels_compile_for_an_h100() -> None:
+    from contextwise.backends.triton_decode import compile_for_gpu
+
+    if INTERPRETED:
+        pytest.skip("the interpreter does not compile")
+    h100_shared = 227 * 1024
+    for dtype, bm, bn, splits in (("bf16", 16, 16, 4), ("bf16", 64, 64, 1),  # batch 1, 256
+                                  ("fp32", 64, 64, 1)):
+        kernels = compile_for_gpu(90, dtype, bm=bm, bn=bn, splits=splits)
+        assert set(kernels) == {"norm_qkv_rope", "attend", "combine", "matmul_add",
+                                "norm_gate_up"}
+        for name, k in kernels.items():
+            assert k["cubin_bytes"] > 0 and k["shared_bytes"] <= h100_shared, (name, k)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernels run directly here")
+def test_the_kernels_in_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "layer_equals or decoder_with_triton"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- choosing them
+
+
+def test_a_failing_triton_kernel_hands_over_to_the_torch_kernels(monkeypatch: Any) -> None:
+    from contextwise.backends.triton_decode import TritonLayers
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(StaticDecoder, "_triton_unusable", lambda self: None)
+    monkeypatch.setattr(TritonLayers, "layer", broken)
+    model = tiny32()
+    dec = StaticDecoder(model, slots=2, max_len=256, kernels="triton")
+    assert dec.kernels == "triton"
+    assert static_greedy(dec, PROMPTS[:2], 6, 2) == [reference(model, p, 6) for p in PROMPTS[:2]]
+    assert dec.kernels == "torch" and "shared memory" in dec.stats["kernels_note"]
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="checks the CPU fallback")
+def test_without_cuda_the_decoder_keeps_the_torch_kernels_and_says_why() -> None:
+    dec = StaticDecoder(tiny32(), slots=2, max_len=256, kernels="triton")
+    assert dec.kernels == "torch" and "need CUDA" in dec.stats["kernels_note"]
+    assert static_greedy(dec, PROMPTS[:1], 6, 2) == [reference(dec.model, PROMPTS[0], 6)]
+
+
+def test_unusual_head_dims_keep_the_torch_kernels() -> None:
+    dec = StaticDecoder(tiny(), slots=2, max_len=256, kernels="triton")  # head_dim 16
+    assert dec.kernels == "torch" and "kernels_note" in dec.stats
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        StaticDecoder(tiny(), slots=2, max_len=256, kernels="cuda")
+
+
+def test_policy_and_engine_validate_decode_kernels(fake_backend: Any) -> None:
+    from contextwise.backends.engine import BatchingEngine
+
+    assert Local().decode_kernels == "torch"
+    assert Local(decode_kernels="triton").decode_kernels == "triton"
+    with pytest.raises(ValidationError, match="pick one"):
+        Local(decode_kernels="triton", compile_decode=True)
+    with pytest.raises(ValidationError):
+        Local(decode_kernels="cuda")
+    with pytest.raises(InputError, match="decode_kernels"):
+        BatchingEngine(fake_backend, decode_kernels="fast")
