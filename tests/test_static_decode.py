@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from contextwise.backends.continuous import Row
 from contextwise.backends.engine import BatchingEngine
 from contextwise.backends.static_decode import StaticDecoder, supported
 from pydantic import ValidationError
@@ -130,6 +131,30 @@ def test_policy_and_engine_validate_the_options(fake_backend: Any) -> None:
         BatchingEngine(fake_backend, decode_steps=0)
     with pytest.raises(InputError, match="kv_cache_mb"):
         BatchingEngine(fake_backend, kv_cache_mb=-1)
+
+
+def test_a_row_takes_a_chunk_up_to_its_end() -> None:
+    def row(max_new: int, stop: tuple[str, ...] | None = None) -> Row:
+        return Row(req=None, ids=[1, 2], max_new=max_new, stop=stop, streamer=None)  # type: ignore[arg-type]
+
+    r = row(10)
+    assert r.take_many([5, 6, 7], eos=0, stopped=lambda: False) == (3, False)
+    assert r.take_many([8, 0, 9], eos=0, stopped=lambda: False) == (2, True)  # EOS ends it
+    assert r.new == [5, 6, 7, 8, 0]
+    r = row(4)
+    assert r.take_many([5, 6, 7, 8, 9, 0], eos=0, stopped=lambda: False) == (4, True)
+    assert r.new == [5, 6, 7, 8]  # max_new: the rest of the chunk is dropped
+    r = row(10)
+    assert r.take_many([5, 6], eos=None, stopped=lambda: False) == (2, False)
+    r = row(10, stop=("x",))  # stop strings: checked after every token
+    seen: list[int] = []
+
+    def stopped() -> bool:
+        seen.append(len(r.new))
+        return len(r.new) == 2
+
+    assert r.take_many([5, 6, 7], eos=0, stopped=stopped) == (2, True)
+    assert r.new == [5, 6] and seen == [1, 2]
 
 
 def test_slots_shrink_before_they_get_fewer() -> None:
