@@ -334,9 +334,11 @@ class TritonLayers:
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.group = heads // kv_heads
         self.eps, self.scale = float(eps), float(scale)
-        # Output columns per matmul program at <= 16 rows and above; the reduction block.
-        # Untuned defaults: benchmarks/gpu_decode.py tries others on a GPU.
-        self.tiles = {"bn_small": 16, "bn_large": 64, "bk": 128, **(tiles or {})}
+        # Output columns per matmul program at <= 16 rows and above, the reduction block,
+        # warps and pipeline stages of the matmul kernels. Untuned defaults:
+        # benchmarks/gpu_decode.py tries others on a GPU.
+        self.tiles = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages": 3,
+                      **(tiles or {})}
 
     def splits(self, n: int, window: int) -> int:
         """Sequence splits for attention: enough programs to fill the GPU, each split at
@@ -366,6 +368,7 @@ class TritonLayers:
         bn = self.tiles["bn_small"] if n <= 16 else self.tiles["bn_large"]
         bk = _block_k(self.tiles["bk"], x.dtype == torch.float32)
         rows = triton.cdiv(n, bm)
+        flags.update(num_warps=self.tiles["warps"], num_stages=self.tiles["stages"])
         s_slot, s_head, s_pos, _ = kc.stride()
         q = torch.empty((n, heads * d), dtype=x.dtype, device=x.device)
         k["norm_qkv_rope"][(rows, heads + 2 * kvh)](
@@ -382,7 +385,7 @@ class TritonLayers:
         k["attend"][(n, kvh, splits)](
             q, kc, vc, pos, o, part, ml, self.scale, chunk, s_slot, s_head, s_pos,
             HEADS=heads, KV_HEADS=kvh, D=d, GROUP=self.group, BG=max(16, _pow2(self.group)),
-            BL=_BL, SPLITS=splits, **flags)
+            BL=_BL, SPLITS=splits, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"])
         if splits > 1:
             k["combine"][(n, heads)](part, ml, o, HEADS=heads, D=d, SPLITS=splits)
         k["matmul_add"][(rows, triton.cdiv(hidden, bn))](

@@ -191,8 +191,9 @@ def main() -> None:
 
 def triton_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
                 out: dict[str, Any], folder: Path, log: Any, save: Any) -> None:
-    """The Triton kernels: decoder alone at batch 1 per tile size, the engine at batch 1
-    and N, the kernel profile (greedy equality is phase 4's)."""
+    """The Triton kernels: the decoder alone at batch 1 and N for a few tile sizes (the
+    defaults are untuned), the engine at batch 1 and N, the kernel profile (greedy
+    equality is phase 4's)."""
     import torch
     from contextwise.backends.static_decode import StaticDecoder
 
@@ -201,31 +202,37 @@ def triton_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
     model = plain.model
     gpu = model.device.type == "cuda"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    sweep = {}
-    for tiles in ({}, {"bn_small": 32}, {"bk": 64}, {"bn_small": 32, "bk": 256}):
-        dec = StaticDecoder(model, slots=1, max_len=1024, kernels="triton")
-        if dec.triton is None:
-            raise RuntimeError(dec.stats["kernels_note"])
-        dec.triton.tiles.update(tiles)
-        name = ",".join(f"{k}={v}" for k, v in sorted(dec.triton.tiles.items()))
-        for _ in range(2):  # the first round compiles and captures
-            first = int(dec.prefill([0], [prompt])[0].argmax())
-            pos, token, made = len(prompt), first, 0
-            sync()
-            t0 = time.perf_counter()
-            while made < new:
-                toks, _ = dec.decode(1, [token], [pos], steps=8)
-                token, pos, made = int(toks[0, -1]), pos + 8, made + 8
-            sync()
-        sweep[name] = round(made / (time.perf_counter() - t0), 1)
-        log(f"triton decoder bs1 {name}: {sweep[name]} tok/s")
-        del dec
-    out["decoder_bs1_triton_sweep"] = sweep
-    out["decoder_bs1_triton_tok_s"] = max(sweep.values())
-    save()
+    n = len(questions)
+    # each variant compiles the kernels anew (seconds each): a few only
+    bs1 = ({}, {"bn_small": 32}, {"bk": 64}, {"warps": 2}, {"warps": 8})
+    many = ({}, {"bn_large": 128})
+    for rows, variants in ((1, bs1), (n, many)):
+        sweep = {}
+        for tiles in variants:
+            dec = StaticDecoder(model, slots=rows, max_len=1024, kernels="triton")
+            if dec.triton is None:
+                raise RuntimeError(dec.stats["kernels_note"])
+            dec.triton.tiles.update(tiles)
+            name = ",".join(f"{k}={v}" for k, v in sorted(tiles.items())) or "default"
+            for _ in range(2):  # the first round compiles and captures
+                first = dec.prefill(list(range(rows)), [prompt] * rows).argmax(-1).tolist()
+                pos, tokens, made = len(prompt), first, 0
+                sync()
+                t0 = time.perf_counter()
+                while made < new:
+                    toks, _ = dec.decode(rows, tokens, [pos] * rows, steps=8)
+                    tokens, pos, made = toks[:, -1].tolist(), pos + 8, made + 8
+                sync()
+            sweep[name] = round(rows * made / (time.perf_counter() - t0), 1)
+            log(f"triton decoder x{rows} {name}: {sweep[name]} tok/s")
+            del dec
+        tag = "bs1" if rows == 1 else "many"
+        out[f"decoder_{tag}_triton_sweep"] = sweep
+        out[f"decoder_{tag}_triton_tok_s"] = max(sweep.values())
+        save()
     with bb.min_new_tokens(model, new):
         for batch, qs, key in ((1, questions[:1], "gpu_bs1_tok_s_triton"),
-                               (len(questions), questions, "gpu_256_tok_s_triton")):
+                               (n, questions, "gpu_256_tok_s_triton")):
             eng = engine_for(plain, batch, decode_kernels="triton",
                              kv_cache_mb=1024 if batch == 1 else None)
             bb.concurrent(eng, qs, new)  # warm-up: compiles and captures
@@ -239,7 +246,7 @@ def triton_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
             log(f"{key}: {out[key]}")
             save()
     if gpu:
-        profile_steps(out, folder, model, prompt, len(questions), log, kernels="triton")
+        profile_steps(out, folder, model, prompt, n, log, kernels="triton")
 
 
 def engine_for(backend: Any, batch: int, **kw: Any) -> Any:
