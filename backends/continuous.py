@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from contextwise.backends.static_decode import StaticDecoder
+from contextwise.backends.static_decode import MAX_VERIFY, StaticDecoder
 
 if TYPE_CHECKING:
     from contextwise.backends.engine import _Request
 
-__all__ = ["ContinuousRunner", "Row"]
+__all__ = ["ContinuousRunner", "PromptLookup", "Row"]
 
 _PREFILL_TOKENS = 16384  # padded prompt tokens per prefill pass at most (activation memory)
 
@@ -97,6 +97,41 @@ class _Active(Row):
     top_p: float = 1.0
     min_new: int = 0  # generation_config.min_new_tokens: EOS masked until this many
     pos: int = 0  # position of the last token (the next step's input)
+    lookup: PromptLookup | None = None  # speculative drafts (prompt lookup), made on need
+    draft_k: int = 0  # tokens to draft next (adapts to what gets accepted)
+    drafted: int = 0
+    accepted: int = 0
+
+
+class PromptLookup:
+    """Prompt-lookup drafts for one sequence: the tokens that followed the latest
+    earlier occurrence of its last n tokens (n = 3, then 2, then 1). Each token's
+    positions are indexed, so a lookup visits only where the last token occurred."""
+
+    def __init__(self, seq: list[int], max_ngram: int = 3):
+        self.seq: list[int] = []
+        self.where: dict[int, list[int]] = {}
+        self.max_ngram = max_ngram
+        self.extend(seq)
+
+    def extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            self.where.setdefault(token, []).append(len(self.seq))
+            self.seq.append(token)
+
+    def draft(self, k: int) -> list[int]:
+        """Up to `k` tokens to propose after the sequence; [] when nothing matches."""
+        seq = self.seq
+        end = len(seq) - 1
+        if end < 1 or k < 1:
+            return []
+        earlier = [i for i in self.where[seq[end]] if i < end]
+        for n in range(min(self.max_ngram, end), 0, -1):
+            tail = seq[end - n + 1:]
+            for i in reversed(earlier):  # the latest occurrence first
+                if i >= n - 1 and seq[i - n + 1:i + 1] == tail:
+                    return seq[i + 1:i + 1 + k]
+        return []
 
 
 class ContinuousRunner:
@@ -108,13 +143,21 @@ class ContinuousRunner:
     `make_row(req, slot)` builds an `_Active` for a request (the engine knows the
     streamer and params); `complete(row, batch_size)` hands a finished row its
     Reply; `poll(limit)` returns up to `limit` newly queued batchable requests
-    without waiting (it runs the others itself)."""
+    without waiting (it runs the others itself).
+
+    `speculate` > 0 (prompt lookup): while at most `speculate_rows` rows decode and all
+    are greedy, each row drafts up to `speculate` tokens copied from where its last
+    tokens occurred earlier in its prompt or reply, and one verify pass checks every
+    draft (`StaticDecoder.verify`); a row keeps the draft's tokens up to the first
+    mismatch, plus the model's own next token, so the output is the greedy output.
+    With no draft anywhere the chunk decodes as usual."""
 
     def __init__(self, decoder: StaticDecoder, eos: int, steps: int,
                  make_row: Callable[[Any, int], _Active],
                  complete: Callable[[_Active, int], None],
                  poll: Callable[[int], list[Any]],
-                 decode_text: Callable[[list[int]], str]):
+                 decode_text: Callable[[list[int]], str],
+                 speculate: int = 0, speculate_rows: int = 4):
         self.decoder = decoder
         self.eos = eos
         self.steps = max(1, int(steps))
@@ -124,8 +167,12 @@ class ContinuousRunner:
         self.decode_text = decode_text
         self.free = list(range(decoder.slots))  # a heap: the lowest slots first, small buckets
         self.active: dict[int, _Active] = {}
+        self.speculate = max(0, min(int(speculate), MAX_VERIFY - 1))
+        self.speculate_rows = int(speculate_rows)
         self.stats: dict[str, Any] = {"chunks": 0, "tokens": 0, "admitted": 0,
                                       "largest_active": 0, "prefill_s": 0.0, "decode_s": 0.0}
+        if self.speculate:
+            self.stats.update(verify_passes=0, drafted=0, accepted=0)
 
     def fits(self, n_prompt: int, max_new: int) -> bool:
         return n_prompt + max_new <= self.decoder.max_len
@@ -203,6 +250,11 @@ class ContinuousRunner:
             pos[slot] = r.pos
             ban[slot] = max(0, r.min_new - len(r.new))
         greedy = all(r.temperature <= 0 for r in self.active.values())
+        if greedy and self.speculate and len(self.active) <= self.speculate_rows:
+            drafts = self._drafts()
+            if any(drafts.values()):
+                self._verify_chunk(drafts)
+                return
         steps = self.steps if greedy else 1
         t0 = time.perf_counter()
         out, logits = self.decoder.decode(n, tokens, pos, steps=steps,
@@ -223,6 +275,54 @@ class ContinuousRunner:
             for r, token in zip(rows, picks, strict=True):
                 r.pos += 1
                 self._take(r, token)
+
+    def _drafts(self) -> dict[int, list[int]]:
+        """Each active row's draft; every verified position must fit in its slot."""
+        room = min(self.decoder.max_len - r.pos for r in self.active.values()) - 1
+        out = {}
+        for slot, r in self.active.items():
+            if r.lookup is None:
+                r.lookup, r.draft_k = PromptLookup(list(r.ids)), self.speculate
+            r.lookup.extend(r.new[len(r.lookup.seq) - r.n_prompt:])
+            k = min(r.draft_k, room, r.max_new - len(r.new) - 1)
+            out[slot] = r.lookup.draft(k)
+        return out
+
+    def _verify_chunk(self, drafts: dict[int, list[int]]) -> None:
+        """One verify pass: each row keeps its draft up to the first token the model would
+        not have chosen, plus the model's choice there."""
+        n = max(self.active) + 1
+        t = 1 + max(len(d) for d in drafts.values())
+        tokens = [[0] * t for _ in range(n)]
+        pos = [0] * n
+        ban = [0] * n
+        for slot, r in self.active.items():
+            d = drafts[slot]
+            tokens[slot] = [r.new[-1], *d] + [0] * (t - 1 - len(d))
+            pos[slot] = r.pos
+            ban[slot] = max(0, r.min_new - len(r.new))
+        t0 = time.perf_counter()
+        chosen = self.decoder.verify(n, tokens, pos, ban if any(ban) else None)
+        self.stats["decode_s"] += time.perf_counter() - t0
+        self.stats["chunks"] += 1
+        self.stats["verify_passes"] += 1
+        for r in list(self.active.values()):
+            d, g = drafts[r.slot], chosen[r.slot]
+            a = 0
+            while a < len(d) and d[a] == g[a]:
+                a += 1
+            if d:  # as transformers adapts num_assistant_tokens
+                r.draft_k = min(self.speculate, r.draft_k + 2) if a == len(d) else max(
+                    1, r.draft_k - 1)
+            r.drafted += len(d)
+            r.accepted += a
+            self.stats["drafted"] += len(d)
+            self.stats["accepted"] += a
+            taken, ended = r.take_many(g[:a + 1], self.eos, self._stopped(r))
+            r.pos += taken
+            self.stats["tokens"] += taken
+            if ended:
+                self._finish(r)
 
     def _choose(self, rows: list[_Active], logits: Any) -> list[int]:
         """The next token of each row from its logits: argmax, or a sample for sampled rows."""

@@ -38,7 +38,11 @@ model, "on" also on CPU, "off"): the batchable requests go to a
 slots (`max_batch`, or fewer if `kv_cache_mb` holds fewer), decode steps replayed
 as CUDA graphs (`decode_steps` greedy tokens per replay), requests admitted into
 free slots between chunks (continuous batching), and queued calls the slots
-can't take run on the single path between chunks. `decode_kernels="triton"`
+can't take run on the single path between chunks. With the backend's
+`speculative="prompt_lookup"`, prompt lookup runs in the slots too: while at most
+4 requests decode, greedy rows draft from their own context and one verify pass
+checks all drafts (`speculative="draft"` applies on the single path only).
+`decode_kernels="triton"`
 computes each decode layer with five fused Triton kernels (backends/triton_decode.py)
 instead of PyTorch ops. Built on the first batch; `stats()["static_decode"]` says
 "on" or why not, `stats()["static"]` its counters (and `kernels_note` when the
@@ -380,7 +384,9 @@ class BatchingEngine(Backend):
                     self._runner = ContinuousRunner(
                         decoder, b.tokenizer.eos_token_id, self.decode_steps,
                         make_row=self._make_row, complete=self._complete, poll=self._poll,
-                        decode_text=lambda ids: b.tokenizer.decode(ids, skip_special_tokens=True))
+                        decode_text=lambda ids: b.tokenizer.decode(ids, skip_special_tokens=True),
+                        speculate=(b.speculative_tokens if b.speculative == "prompt_lookup"
+                                   else 0))
         self._static_reason = reason
         return self._runner
 
@@ -538,11 +544,17 @@ class BatchingEngine(Backend):
         if row.error is not None:
             self._finish(r, error=row.error)
             return
+        trace: dict[str, Any] = {}
+        if isinstance(row, _Active):
+            trace["decode"] = "static"
+            if row.lookup is not None:
+                trace.update(speculative="prompt_lookup", draft_tokens=row.drafted,
+                             draft_accepted_tokens=row.accepted)
         try:
             reply = self.backend._reply(
                 r.call, row.new, row.n_prompt, r.t_in, None, row.streamer,
                 prefix_cached_tokens=0, prefix_stored_tokens=0, batch_size=batch_size,
-                **({"decode": "static"} if isinstance(row, _Active) else {}))
+                **trace)
         except Exception as e:  # noqa: BLE001  (e.g. Cancelled from the stream's last delta)
             self._finish(r, error=e)
         else:

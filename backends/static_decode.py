@@ -47,6 +47,7 @@ KERNELS = ("torch", "triton")  # what computes a decode layer
 _ARCHITECTURES = {"llama", "mistral", "qwen2"}
 _ROPE_TYPES = {"default", "linear", "llama3", "yarn", "longrope"}  # position-only tables
 _MIN_L = 128  # the smallest attention window a graph is captured for
+MAX_VERIFY = 16  # tokens per slot in one verify pass at most (the last one + a draft)
 
 
 def supported(model: Any) -> str | None:
@@ -128,6 +129,7 @@ class StaticDecoder:
         # Steps each slot still may not end (EOS masked, as transformers' min_new_tokens).
         self.eos = eos
         self.ban = torch.zeros(self.slots, dtype=torch.long, device=self.device)
+        self._verify_buffers: tuple[Any, Any, Any] | None = None  # made on first verify
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         # (n, window, steps) -> (the CUDA graph, its output tensors: tokens, logits)
         self._graphs: dict[tuple[int, int, int], tuple[Any, tuple[Any, Any]]] = {}
@@ -374,6 +376,94 @@ class StaticDecoder:
                 out, logits = self._steps(bucket, window, steps, (tok_t, pos_t, ban_t))
             return out[:n].cpu(), logits[:n]
 
+    def verify(self, n: int, tokens: Sequence[Sequence[int]], pos: Sequence[int],
+               ban_eos: Sequence[int] | None = None) -> list[list[int]]:
+        """One pass over t tokens for each of slots 0..n-1 (speculative decoding): slot
+        i's `tokens[i]` (its last token, then a draft) go at positions pos[i] ..
+        pos[i] + t - 1, their keys and values are written, and each attends to the slot's
+        cache up to itself. Returns, per slot, the greedy token after each of the t
+        positions (host lists). `ban_eos[i]`: how many of slot i's next tokens may not be
+        EOS. Draft tokens the caller rejects leave keys/values past its new position,
+        which the position mask hides until they are overwritten."""
+        import torch
+
+        t = len(tokens[0]) if len(tokens) else 0
+        if not 1 <= n <= self.slots or len(tokens) != n or len(pos) != n:
+            raise ValueError(f"verify needs 1..{self.slots} slots, one token list and "
+                             f"position each; got n={n}")
+        if not 1 <= t <= MAX_VERIFY or any(len(row) != t for row in tokens):
+            raise ValueError(f"verify needs 1..{MAX_VERIFY} tokens per slot, the same for all")
+        if max(pos) + t > self.max_len:
+            raise ValueError(f"positions {max(pos)}..{max(pos) + t - 1} pass the slot "
+                             f"length {self.max_len}")
+        width = _bucket(t, MAX_VERIFY)  # fewer graphs; padded positions must fit too
+        if not self.cuda_graphs or max(pos) + width > self.max_len:
+            width = t
+        bucket = _bucket(n, self.slots)
+        window = self.window_for(max(pos) + width - 1)
+        rows = [list(r) + [0] * (width - t) for r in tokens] + [[0] * width] * (bucket - n)
+        starts = list(pos) + [0] * (bucket - n)  # dormant rows write only their own slot
+        bans = list(ban_eos or [0] * n) + [0] * (bucket - n)
+        host = (torch.tensor(rows, dtype=torch.long),
+                torch.tensor([[p + j for j in range(width)] for p in starts], dtype=torch.long),
+                torch.tensor([[int(j < b) for j in range(width)] for b in bans],
+                             dtype=torch.long))
+        with self._lock, torch.inference_mode():
+            if self._verify_buffers is None:
+                self._verify_buffers = tuple(
+                    torch.zeros((self.slots, MAX_VERIFY), dtype=torch.long,
+                                device=self.device) for _ in range(3))
+            buffers = self._verify_buffers
+            for buffer, values in zip(buffers, host, strict=True):
+                buffer[:bucket, :width].copy_(values, non_blocking=True)
+            run = lambda: self._verify_run(bucket, width, window)  # noqa: E731
+            out = None
+            if self.cuda_graphs:
+                try:
+                    out = self._replay(("verify", bucket, window, width), run, buffers)
+                except Exception as e:  # noqa: BLE001  (a failed capture: go on without graphs)
+                    self._graphs_failed(e)
+                    for buffer, values in zip(buffers, host, strict=True):
+                        buffer[:bucket, :width].copy_(values)
+            if out is None:
+                out = run()
+            return [row[:t] for row in out[:n].tolist()]
+
+    def _verify_run(self, n: int, t: int, window: int) -> Any:
+        """The verify pass for slots 0..n-1, t tokens each, from the verify buffers:
+        greedy tokens [n, t]. Fixed shapes, no host sync: capturable. Runs the model's
+        modules (as prefill does), whatever the decode kernels."""
+        import torch.nn.functional as F
+
+        assert self._verify_buffers is not None
+        tokens, positions, banned = (b[:n, :t] for b in self._verify_buffers)
+        pos = positions.clamp(max=self.max_len - 1)
+        rows = self.rows[:n]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [n, 1, t, D]
+        group = self.heads // self.kv_heads
+        # query (head g of kv head h, token j) sees cache positions <= token j's position
+        mask = (self.arange[:window][None, None, :] <= pos[:, :, None])[:, None]
+        mask = mask.repeat(1, 1, group, 1)  # [n, 1, group * t, window], rows (g, j)
+
+        def write(i: int, k: Any, v: Any) -> None:
+            self.k[i][rows[:, None], :, pos] = k.transpose(1, 2)
+            self.v[i][rows[:, None], :, pos] = v.transpose(1, 2)
+
+        def attend(i: int, q: Any, k: Any, v: Any) -> Any:
+            q = q.reshape(n, self.kv_heads, group * t, self.head_dim)
+            o = F.scaled_dot_product_attention(
+                q, self.k[i][:n, :, :window], self.v[i][:n, :, :window], attn_mask=mask,
+                scale=self.scale)
+            return o.reshape(n, self.heads, t, self.head_dim)
+
+        x = self.inner.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            x = self._layer(i, layer, x, cos, sin, write, attend)
+        logits = self._logits(x)  # [n, t, vocab]
+        if self.eos is not None:
+            logits[..., self.eos].masked_fill_(banned > 0, float("-inf"))
+        return logits.argmax(-1)
+
     def _steps(self, bucket: int, window: int, steps: int, inputs: tuple) -> tuple[Any, Any]:
         """Copy (tokens, positions, EOS bans) into the device buffers and run the steps: a
         graph replay (captured on first use), or eager steps without graphs."""
@@ -384,7 +474,9 @@ class StaticDecoder:
         load(blocking=False)
         if self.cuda_graphs:
             try:
-                return self._replay(bucket, window, steps)
+                return self._replay((bucket, window, steps),
+                                    lambda: self._run(bucket, window, steps),
+                                    (self.tokens, self.pos, self.ban))
             except Exception as e:
                 if self.triton is not None:
                     raise  # the kernels' fault, maybe: decode() retries on the torch kernels
@@ -416,19 +508,19 @@ class StaticDecoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _replay(self, n: int, window: int, steps: int) -> tuple[Any, Any]:
-        key = (n, window, steps)
+    def _replay(self, key: tuple, run: Any, inputs: tuple) -> Any:
+        """`run()`'s outputs, from its CUDA graph for `key` (captured on first use; `inputs`
+        are the device buffers it reads, which capturing must leave as they were)."""
         if key not in self._graphs:
-            self._graphs[key] = self._capture(n, window, steps)
+            self._graphs[key] = self._capture(run, inputs)
         graph, outputs = self._graphs[key]
         graph.replay()
         self.stats["replays"] += 1
         return outputs
 
-    def _capture(self, n: int, window: int, steps: int) -> tuple[Any, tuple[Any, Any]]:
+    def _capture(self, run: Any, inputs: tuple) -> tuple[Any, Any]:
         import torch
 
-        inputs = (self.tokens, self.pos, self.ban)
         saved = [t.clone() for t in inputs]
 
         def restore() -> None:
@@ -438,7 +530,7 @@ class StaticDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up: lazy inits must not happen in capture
-            self._run(n, window, steps)
+            run()
         torch.cuda.current_stream().wait_stream(stream)
         restore()
         if self._pool is None:
@@ -447,9 +539,9 @@ class StaticDecoder:
         # thread_local: CUDA work other threads do meanwhile (an embedder, a request on
         # another model) must not invalidate this capture, nor be refused by it.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            outputs = self._run(n, window, steps)
-        # Capturing recorded the steps without running them: restore the inputs the
-        # warm-up advanced, so the caller's replay starts from them.
+            outputs = run()
+        # Capturing recorded the pass without running it: restore the inputs the warm-up
+        # may have advanced, so the caller's replay starts from them.
         restore()
         self.stats["graphs_captured"] += 1
         return graph, outputs

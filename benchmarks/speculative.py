@@ -24,9 +24,15 @@ directly: the pipeline's stages would only add noise to a backend figure.
 - `*_tokens_per_s_*`: completion tokens / wall time summed over the workload
   (prefill included); `*_speedup`: prompt lookup over plain;
   `*_outputs_identical`: the replies (text, token counts, finish reason) equal
-  on both paths for every prompt.
+  on both paths for every prompt;
+- static rows (`static_*`): the same prompts, one at a time, through two batching
+  engines with `static_decode="on"` (the GPU default: KV-cache slots, 8 greedy
+  tokens per decode call), one over the plain backend and one over the prompt
+  lookup backend, where drafts are checked in verify passes
+  (`StaticDecoder.verify`); `static_acceptance_rate`: accepted / drafted tokens,
+  `static_verify_passes`: how many passes checked drafts.
 
-Writes benchmarks/results/speculative.json. Takes about 4 minutes on 2 CPU cores.
+Writes benchmarks/results/speculative.json. Takes about 6 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -185,6 +191,45 @@ def _workload(prompts: list[str], plain: LocalBackend, lookup: LocalBackend,
     }
 
 
+def _static_workload(prompts: list[str], plain: LocalBackend,
+                     lookup: LocalBackend) -> dict[str, Any]:
+    from contextwise.backends.engine import BatchingEngine
+
+    engines = {name: BatchingEngine(b, max_batch=4, static_decode="on", kv_cache_mb=256)
+               for name, b in (("plain", plain), ("lookup", lookup))}
+    for e in engines.values():  # warm-up
+        e.generate([_call("Hi", 4)])
+    before = {name: dict(e.stats()["static"]) for name, e in engines.items()}
+    seconds = {"plain": 0.0, "lookup": 0.0}
+    tokens = {"plain": 0, "lookup": 0}
+    identical = 0
+    for i, text in enumerate(prompts):
+        order = ["plain", "lookup"] if i % 2 == 0 else ["lookup", "plain"]
+        replies: dict[str, Reply] = {}
+        for name in order:
+            t0 = time.perf_counter()
+            replies[name] = engines[name].generate([_call(text)])[0]
+            seconds[name] += time.perf_counter() - t0
+            tokens[name] += replies[name].usage.completion_tokens
+        identical += _same(replies["plain"], replies["lookup"])
+    after = {name: e.stats()["static"] for name, e in engines.items()}
+    for e in engines.values():
+        e.close()
+    drafted = after["lookup"]["drafted"] - before["lookup"]["drafted"]
+    accepted = after["lookup"]["accepted"] - before["lookup"]["accepted"]
+    plain_tps, lookup_tps = (tokens[n] / seconds[n] for n in ("plain", "lookup"))
+    return {
+        "static_tokens_per_s_plain": round(plain_tps, 2),
+        "static_tokens_per_s_prompt_lookup": round(lookup_tps, 2),
+        "static_prompt_lookup_speedup": round(lookup_tps / plain_tps, 3),
+        "static_acceptance_rate": round(accepted / drafted, 3) if drafted else 0.0,
+        "static_verify_passes": after["lookup"]["verify_passes"]
+        - before["lookup"]["verify_passes"],
+        "static_prompts_identical": identical,
+        "static_outputs_identical": identical == len(prompts),
+    }
+
+
 def main() -> dict[str, Any]:
     plain = LocalBackend(prefix_cache_mb=0)
     lookup = LocalBackend(loaded=plain.loaded, prefix_cache_mb=0, speculative="prompt_lookup",
@@ -196,6 +241,8 @@ def main() -> dict[str, Any]:
         b.generate([_call("Hi", 4)])
     quote = _workload(QUOTE, plain, lookup, draft, drafts)
     control = _workload(CONTROL, plain, lookup, draft, drafts)
+    quote.update(_static_workload(QUOTE, plain, lookup))
+    control.update(_static_workload(CONTROL, plain, lookup))
     metrics: dict[str, Any] = {
         "model": plain.model_name,
         "max_tokens": MAX_TOKENS,
@@ -229,9 +276,22 @@ def main() -> dict[str, Any]:
                             f"{m['draft_acceptance_rate']:.0%}",
                             f"{m['draft_tokens_per_target_pass']:.2f}",
                             f"{m['draft_prompts_identical']}/{m['draft_prompts']}")
+    static_table = Table(title="Static decoding (the GPU default), one request at a time: "
+                               "prompt lookup in verify passes vs plain")
+    for col in ("workload", "plain tok/s", "lookup tok/s", "speedup", "accept",
+                "verify passes", "identical"):
+        static_table.add_column(col, justify="left" if col == "workload" else "right")
+    for label, m in (("quotes its context", quote), ("control (open-ended)", control)):
+        static_table.add_row(label, f"{m['static_tokens_per_s_plain']:.1f}",
+                             f"{m['static_tokens_per_s_prompt_lookup']:.1f}",
+                             f"{m['static_prompt_lookup_speedup']:.2f}x",
+                             f"{m['static_acceptance_rate']:.0%}",
+                             str(m["static_verify_passes"]),
+                             f"{m['static_prompts_identical']}/{m['prompts']}")
     console = Console()
     console.print(table)
     console.print(draft_table)
+    console.print(static_table)
     console.print(f"wrote {path}")
     return metrics
 

@@ -340,7 +340,9 @@ class Local(_Strict):
         "results, rewrites). 'draft' drafts with a smaller model (`draft_model`) or, "
         "without one, with the main model's first `draft_layers` layers (early exit, no "
         "new weights), checked the same way. Used only for greedy, unconstrained calls "
-        "without stop strings",
+        "without stop strings. With static decoding (the GPU default) prompt lookup runs "
+        "in the KV-cache slots while at most 4 requests decode (stop strings allowed); "
+        "'draft' applies on the single-request path only",
     )
     speculative_tokens: int = Field(
         10, ge=1, description="prompt lookup / draft: draft tokens per step at most"

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from contextwise.backends.continuous import Row
+from contextwise.backends.continuous import PromptLookup, Row
 from contextwise.backends.engine import BatchingEngine
 from contextwise.backends.static_decode import StaticDecoder, supported
 from pydantic import ValidationError
@@ -131,6 +131,41 @@ def test_policy_and_engine_validate_the_options(fake_backend: Any) -> None:
         BatchingEngine(fake_backend, decode_steps=0)
     with pytest.raises(InputError, match="kv_cache_mb"):
         BatchingEngine(fake_backend, kv_cache_mb=-1)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_verify_pass_gives_the_greedy_tokens_and_drops_rejected_drafts(kind: str) -> None:
+    model = tiny(kind)
+    want = [reference(model, p, 12) for p in PROMPTS]
+    dec = StaticDecoder(model, slots=4, max_len=256)
+    assert dec.prefill([0, 1, 2], PROMPTS).argmax(-1).tolist() == [w[0] for w in want]
+    pos = [len(p) for p in PROMPTS]
+    # a right draft: every position's greedy token is the next one
+    got = dec.verify(3, [[w[0], *w[1:6]] for w in want], pos)
+    assert got == [w[1:7] for w in want]
+    # a draft wrong after its first token: the tokens up to the mismatch still hold
+    pos = [p + 6 for p in pos]
+    got = dec.verify(3, [[w[6], w[7], 99, 98] for w in want], pos)
+    assert [g[:2] for g in got] == [w[7:9] for w in want]
+    # the rejected positions' keys/values are overwritten before anything reads them
+    out, _ = dec.decode(3, [w[8] for w in want], [p + 2 for p in pos], steps=3)
+    assert out.tolist() == [w[9:12] for w in want]
+    with pytest.raises(ValueError, match="the same for all"):
+        dec.verify(2, [[1, 2], [3]], [5, 5])
+    with pytest.raises(ValueError, match="pass the slot length"):
+        dec.verify(1, [[1, 2, 3]], [254])
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match() -> None:
+    look = PromptLookup([1, 2, 3, 4, 5, 9, 2, 3, 7, 8])
+    look.extend([1, 2, 3])
+    assert look.draft(3) == [4, 5, 9]  # the trigram "1 2 3" beats the later bigram "2 3"
+    look.extend([4])
+    assert look.draft(2) == [5, 9]
+    assert PromptLookup([2, 3, 7, 9, 2, 3, 8, 1, 2, 3]).draft(2) == [8, 1]  # latest "2 3"
+    assert PromptLookup([5, 6, 7]).draft(4) == []  # 7 never seen before
+    assert PromptLookup([5, 6, 5]).draft(4) == [6, 5]
+    assert look.draft(0) == []
 
 
 def test_a_row_takes_a_chunk_up_to_its_end() -> None:
@@ -264,6 +299,26 @@ def test_static_engine_gives_the_single_path_greedy_text(local: Any,
 
 
 @pytest.mark.model
+def test_static_engine_speculates_with_prompt_lookup(local: Any) -> None:
+    from contextwise.backends.local import LocalBackend
+
+    quote = ('{"order_id": 4821, "customer": "Ada Lovelace", "items": [{"sku": "A-12", '
+             '"name": "Trail tent 2P", "qty": 1}], "status": "shipped"}')
+    question = f"Here is an order: {quote}\nCopy the order JSON exactly."
+    want = local.generate([call(question, max_tokens=40)])[0]
+    spec = LocalBackend(loaded=local.loaded, prefix_cache_mb=0, max_context_tokens=1024,
+                        speculative="prompt_lookup", speculative_tokens=8)
+    with BatchingEngine(spec, max_batch=4, static_decode="on", kv_cache_mb=256) as e:
+        got = e.generate([call(question, max_tokens=40)])[0]
+        stats = e.stats()["static"]
+    same(want, got)
+    (rec,) = got.trace.of("backend")
+    assert rec["speculative"] == "prompt_lookup" and rec["draft_accepted_tokens"] > 0
+    assert stats["verify_passes"] > 0 and stats["accepted"] == rec["draft_accepted_tokens"]
+    assert stats["verify_passes"] < got.usage.completion_tokens  # fewer passes than tokens
+
+
+@pytest.mark.model
 def test_static_engine_streams_stops_and_cancels_per_row(local: Any,
                                                          engine: BatchingEngine) -> None:
     params = [{"max_tokens": 24}, {"max_tokens": 12, "stop": ["\n"]},
@@ -386,3 +441,18 @@ def test_compiled_decode_layer_gives_the_same_tokens() -> None:
     want = [reference(model, p, 16) for p in PROMPTS]
     dec = StaticDecoder(model, slots=4, max_len=256, compile=True)
     assert dec.compiled and static_greedy(dec, PROMPTS, 16, 4) == want
+
+
+@pytest.mark.gpu
+@gpu
+def test_verify_passes_replayed_as_graphs_equal_eager_ones() -> None:
+    model = tiny(device="cuda")
+    want = [reference(model, p, 8) for p in PROMPTS]
+    for graphs in (False, True):
+        dec = StaticDecoder(model, slots=4, max_len=512, cuda_graphs=graphs)
+        dec.prefill([0, 1, 2], PROMPTS)
+        pos = [len(p) for p in PROMPTS]
+        for _ in range(2):  # the second replays the captured graph
+            got = dec.verify(3, [[w[0], *w[1:5]] for w in want], pos)  # width 5 -> 8
+            assert got == [w[1:6] for w in want]
+        assert (dec.stats["replays"] > 0) == graphs
