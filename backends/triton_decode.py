@@ -58,6 +58,63 @@ def available() -> str | None:
 
 if triton is not None:
 
+    @triton.jit
+    def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """acc + a @ b, accumulated in float32: float32 inputs in the interpreter (it
+        multiplies bfloat16 wrongly), exact float32 products for a float32 model."""
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        return acc
+
+    @triton.jit
+    def _inv_rms(x_ptr, rows, rmask, eps, HIDDEN: tl.constexpr, BM: tl.constexpr,
+                 BK: tl.constexpr):
+        """1 / RMS of each of the rows of x [n, HIDDEN], in float32."""
+        ss = tl.zeros((BM,), dtype=tl.float32)
+        for k0 in range(0, HIDDEN, BK):
+            ks = k0 + tl.arange(0, BK)
+            xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
+                         mask=rmask[:, None] & (ks[None, :] < HIDDEN), other=0.0)
+            xv = xv.to(tl.float32)
+            ss += tl.sum(xv * xv, axis=1)
+        return tl.rsqrt(ss / HIDDEN + eps)
+
+    @triton.jit
+    def _normed(x_ptr, nw_ptr, rows, rmask, inv, ks, kmask, HIDDEN: tl.constexpr):
+        """Columns `ks` of the normed rows, as transformers' RMSNorm rounds them:
+        weight * (x * inv).to(dtype), in the activation dtype."""
+        dt = x_ptr.dtype.element_ty
+        xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0)
+        normed = (xv.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32)
+        return (nw.to(tl.float32)[None, :] * normed).to(dt)
+
+    @triton.jit
+    def _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, cols1, cols2, cmask, eps,
+                      HIDDEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """The normed rows times two sets of weight rows (w [out, HIDDEN]): (h @ w[cols1].T,
+        h @ w[cols2].T), float32 [BM, BN] each."""
+        inv = _inv_rms(x_ptr, rows, rmask, eps, HIDDEN, BM, BK)
+        acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+        acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, HIDDEN, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < HIDDEN
+            h = _normed(x_ptr, nw_ptr, rows, rmask, inv, ks, kmask, HIDDEN)
+            wmask = cmask[None, :] & kmask[:, None]
+            w1 = tl.load(w_ptr + cols1[None, :] * HIDDEN + ks[:, None], mask=wmask, other=0.0)
+            w2 = tl.load(w_ptr + cols2[None, :] * HIDDEN + ks[:, None], mask=wmask, other=0.0)
+            acc1 = _dot(h, w1, acc1, UPCAST, IEEE)
+            acc2 = _dot(h, w2, acc2, UPCAST, IEEE)
+        return acc1, acc2
+
     def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr,
                        kc_ptr, vc_ptr, n, eps, s_slot, s_head, s_pos,
                        HIDDEN: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
@@ -69,40 +126,10 @@ if triton is not None:
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < n
         dt = x_ptr.dtype.element_ty
-        ss = tl.zeros((BM,), dtype=tl.float32)
-        for k0 in range(0, HIDDEN, BK):
-            ks = k0 + tl.arange(0, BK)
-            xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
-                         mask=rmask[:, None] & (ks[None, :] < HIDDEN), other=0.0)
-            xv = xv.to(tl.float32)
-            ss += tl.sum(xv * xv, axis=1)
-        inv = tl.rsqrt(ss / HIDDEN + eps)
         half = tl.arange(0, HALF)
         out1 = head * D + half  # this head's weight rows, first half (rotary pairs i, i + D/2)
-        acc1 = tl.zeros((BM, HALF), dtype=tl.float32)
-        acc2 = tl.zeros((BM, HALF), dtype=tl.float32)
-        for k0 in range(0, HIDDEN, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < HIDDEN
-            xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
-                         mask=rmask[:, None] & kmask[None, :], other=0.0)
-            nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0)
-            normed = (xv.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32)
-            h = (nw.to(tl.float32)[None, :] * normed).to(dt)  # weight * normed.to(dtype)
-            w1 = tl.load(w_ptr + out1[None, :] * HIDDEN + ks[:, None], mask=kmask[:, None],
-                         other=0.0)
-            w2 = tl.load(w_ptr + (out1 + HALF)[None, :] * HIDDEN + ks[:, None],
-                         mask=kmask[:, None], other=0.0)
-            if UPCAST:  # the interpreter multiplies bf16 wrongly: float32 there
-                h = h.to(tl.float32)
-                w1 = w1.to(tl.float32)
-                w2 = w2.to(tl.float32)
-            if IEEE:
-                acc1 = tl.dot(h, w1, acc1, input_precision="ieee")
-                acc2 = tl.dot(h, w2, acc2, input_precision="ieee")
-            else:
-                acc1 = tl.dot(h, w1, acc1)
-                acc2 = tl.dot(h, w2, acc2)
+        acc1, acc2 = _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, out1, out1 + HALF,
+                                   half < HALF, eps, HIDDEN, BM, HALF, BK, UPCAST, IEEE)
         if HAS_BIAS:
             acc1 += tl.load(b_ptr + out1).to(tl.float32)[None, :]
             acc2 += tl.load(b_ptr + out1 + HALF).to(tl.float32)[None, :]
@@ -149,8 +176,6 @@ if triton is not None:
         dt = q_ptr.dtype.element_ty
         q = tl.load(q_ptr + row * (HEADS * D) + qh[:, None] * D + d[None, :],
                     mask=gmask[:, None], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
         end = tl.load(pos_ptr + row) + 1
         lo = split * chunk
         hi = tl.minimum(end, lo + chunk)
@@ -167,22 +192,13 @@ if triton is not None:
                         other=0.0)
             v = tl.load(vbase + keys[:, None] * s_pos + d[None, :], mask=kmask[:, None],
                         other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, k, input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, k) * scale
+            s = _dot(q, k, tl.zeros((BG, BL), dtype=tl.float32), UPCAST, IEEE) * scale
             s = tl.where(kmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))  # each block has a valid key: finite
             alpha = tl.exp(m - m_new)
             p = tl.exp(s - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = _dot(p.to(dt), v, acc * alpha[:, None], UPCAST, IEEE)
             m = m_new
         if SPLITS == 1:
             tl.store(o_ptr + row * (HEADS * D) + qh[:, None] * D + d[None, :],
@@ -225,13 +241,7 @@ if triton is not None:
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_ptr + cols[None, :] * K + ks[:, None],
                         mask=cmask[None, :] & kmask[:, None], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                w = w.to(tl.float32)
-            if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
+            acc = _dot(a, w, acc, UPCAST, IEEE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         y = acc.to(dt).to(tl.float32)
@@ -250,38 +260,8 @@ if triton is not None:
         rmask = rows < n
         cmask = cols < INTER
         dt = x_ptr.dtype.element_ty
-        ss = tl.zeros((BM,), dtype=tl.float32)
-        for k0 in range(0, HIDDEN, BK):
-            ks = k0 + tl.arange(0, BK)
-            xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
-                         mask=rmask[:, None] & (ks[None, :] < HIDDEN), other=0.0)
-            xv = xv.to(tl.float32)
-            ss += tl.sum(xv * xv, axis=1)
-        inv = tl.rsqrt(ss / HIDDEN + eps)
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, HIDDEN, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < HIDDEN
-            xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
-                         mask=rmask[:, None] & kmask[None, :], other=0.0)
-            nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0)
-            normed = (xv.to(tl.float32) * inv[:, None]).to(dt).to(tl.float32)
-            h = (nw.to(tl.float32)[None, :] * normed).to(dt)  # weight * normed.to(dtype)
-            wmask = cmask[None, :] & kmask[:, None]
-            wg = tl.load(w_ptr + cols[None, :] * HIDDEN + ks[:, None], mask=wmask, other=0.0)
-            wu = tl.load(w_ptr + (INTER + cols)[None, :] * HIDDEN + ks[:, None], mask=wmask,
-                         other=0.0)
-            if UPCAST:
-                h = h.to(tl.float32)
-                wg = wg.to(tl.float32)
-                wu = wu.to(tl.float32)
-            if IEEE:
-                acc_g = tl.dot(h, wg, acc_g, input_precision="ieee")
-                acc_u = tl.dot(h, wu, acc_u, input_precision="ieee")
-            else:
-                acc_g = tl.dot(h, wg, acc_g)
-                acc_u = tl.dot(h, wu, acc_u)
+        acc_g, acc_u = _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, cols, INTER + cols,
+                                     cmask, eps, HIDDEN, BM, BN, BK, UPCAST, IEEE)
         if HAS_BIAS:
             acc_g += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
             acc_u += tl.load(b_ptr + INTER + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
