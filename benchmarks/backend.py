@@ -4,6 +4,7 @@
     python -m benchmarks.backend --quantization   # also benchmarks/quantization.py's keys
     python -m benchmarks.backend --gpu            # also the GPU figures (CUDA only)
     python -m benchmarks.backend --no-cpu --gpu   # the GPU figures alone
+    python -m benchmarks.backend --no-cpu --gpu --decode-kernels triton
 
 CPU (the embedded SmolLM2-135M-Instruct, fp32, on the CPU even where a GPU
 exists): 16 chat requests, each a different short question, greedy, 128 new
@@ -205,10 +206,11 @@ def cpu_benchmark() -> dict[str, Any]:
     }
 
 
-def gpu_benchmark() -> dict[str, Any]:
+def gpu_benchmark(decode_kernels: str = "torch") -> dict[str, Any]:
     """Batch-1 decode and 256 concurrent requests on CUDA, bf16: plain `generate` (batch 1,
     and one padded generate of all 256) against the engine's static decoding (CUDA
-    graphs, continuous batching); the shared code is benchmarks/gpu_decode.py's."""
+    graphs, continuous batching, `decode_kernels`); the shared code is
+    benchmarks/gpu_decode.py's."""
     import torch
 
     from benchmarks.gpu_decode import decode_speed
@@ -221,8 +223,10 @@ def gpu_benchmark() -> dict[str, Any]:
 
     out: dict[str, Any] = {"gpu_card": torch.cuda.get_device_name(0), "gpu_dtype": "bfloat16",
                            "new_tokens_per_request": NEW_TOKENS,
-                           "concurrent_requests": GPU_REQUESTS}
-    decode_speed(backend, questions, NEW_TOKENS, out, print, lambda: None)
+                           "concurrent_requests": GPU_REQUESTS,
+                           "gpu_decode_kernels": decode_kernels}
+    decode_speed(backend, questions, NEW_TOKENS, out, print, lambda: None,
+                 decode_kernels=decode_kernels)
     out["gpu_peak_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
@@ -257,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantization", action="store_true",
                         help="also run benchmarks/quantization.py and merge its keys")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU benchmark")
+    parser.add_argument("--decode-kernels", choices=("torch", "triton"), default="torch",
+                        help="with --gpu: what computes the static decode layer")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -275,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         show("local backend: batching engine vs plain generate (CPU)", metrics)
         print(f"wrote {write_results('backend', metrics)}")
     if args.gpu:
-        gpu = gpu_benchmark()
+        gpu = gpu_benchmark(args.decode_kernels)
         show(f"local backend on {gpu['gpu_card']}", gpu)
         print(f"wrote {write_results('backend_gpu', gpu)}")
 

@@ -258,10 +258,10 @@ def engine_for(backend: Any, batch: int, **kw: Any) -> Any:
 
 
 def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any], log: Any,
-                 save: Any) -> list[list[int]]:
+                 save: Any, **engine_kw: Any) -> list[list[int]]:
     """Baselines (plain generate at batch 1 and one padded generate of all requests) and
-    the static engine (one request; all of them concurrently) into `out`; returns the
-    requests' prompt ids."""
+    the static engine (one request; all of them concurrently; `engine_kw` go to its
+    BatchingEngine) into `out`; returns the requests' prompt ids."""
     import torch
 
     from benchmarks import backend as bb
@@ -282,7 +282,7 @@ def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any]
 
     # 2. the static engine: batch 1, then n concurrent callers
     with bb.min_new_tokens(model, new):
-        eng = engine_for(plain, 1, kv_cache_mb=1024)
+        eng = engine_for(plain, 1, kv_cache_mb=1024, **engine_kw)
         bb.concurrent(eng, questions[:1], new)  # warm-up: captures the graphs
         sync()
         _, _, secs = bb.concurrent(eng, questions[:1], new)
@@ -291,7 +291,7 @@ def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any]
         eng.close()
         log(f"static engine bs1: {out['gpu_bs1_tok_s']} tok/s")
         save()
-        eng = engine_for(plain, n)
+        eng = engine_for(plain, n, **engine_kw)
         bb.concurrent(eng, questions, new)  # warm-up
         sync()
         _, lat, secs = bb.concurrent(eng, questions, new)
