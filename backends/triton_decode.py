@@ -45,7 +45,6 @@ except ImportError:  # CUDA builds of torch (and xgrammar) bring triton
 __all__ = ["TritonLayers", "available", "compile_for_gpu"]
 
 _BL = 64  # cached positions per attention block
-_MIN_SPLIT = 256  # positions per attention split at least
 _TARGET_PROGRAMS = 128  # attention programs to aim for (an H100 has 132 SMs)
 
 
@@ -315,17 +314,16 @@ class TritonLayers:
         self.group = heads // kv_heads
         self.eps, self.scale = float(eps), float(scale)
         # Output columns per matmul program at <= 16 rows and above, the reduction block,
-        # warps and pipeline stages of the matmul kernels. Untuned defaults:
-        # benchmarks/gpu_decode.py tries others on a GPU.
+        # warps and pipeline stages of the matmul kernels, positions per attention split
+        # at least. Untuned defaults: benchmarks/gpu_decode.py tries others on a GPU.
         self.tiles = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages": 3,
-                      **(tiles or {})}
+                      "min_split": 256, **(tiles or {})}
 
     def splits(self, n: int, window: int) -> int:
         """Sequence splits for attention: enough programs to fill the GPU, each split at
-        least _MIN_SPLIT positions of the window, a power of two."""
-        s = 1
-        while (n * self.kv_heads * s < _TARGET_PROGRAMS and window // (s * 2) >= _MIN_SPLIT
-               and s < 64):
+        least tiles["min_split"] positions of the window, a power of two."""
+        s, least = 1, self.tiles["min_split"]
+        while n * self.kv_heads * s < _TARGET_PROGRAMS and window // (s * 2) >= least and s < 64:
             s *= 2
         return s
 

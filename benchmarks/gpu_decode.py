@@ -204,7 +204,7 @@ def triton_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     n = len(questions)
     # each variant compiles the kernels anew (seconds each): a few only
-    bs1 = ({}, {"bn_small": 32}, {"bk": 64}, {"warps": 2}, {"warps": 8})
+    bs1 = ({}, {"bn_small": 32}, {"bk": 64}, {"warps": 2}, {"warps": 8}, {"min_split": 64})
     many = ({}, {"bn_large": 128})
     for rows, variants in ((1, bs1), (n, many)):
         sweep = {}

@@ -78,11 +78,12 @@ def torch_layer(a: dict[str, Any], heads: int, kv_heads: int, d: int, window: in
     return x, kc, vc
 
 
-def triton_layer(a: dict[str, Any], heads: int, kv_heads: int, d: int, window: int) -> tuple:
+def triton_layer(a: dict[str, Any], heads: int, kv_heads: int, d: int, window: int,
+                 tiles: dict[str, int] | None = None) -> tuple:
     from contextwise.backends.triton_decode import TritonLayers
 
     kc, vc = a["kc"].clone(), a["vc"].clone()
-    x = TritonLayers(heads, kv_heads, d, 1e-5, d ** -0.5).layer(
+    x = TritonLayers(heads, kv_heads, d, 1e-5, d ** -0.5, tiles).layer(
         a["x"].clone(), a["w"], kc, vc, a["pos"], a["cos"], a["sin"], window)
     return x, kc, vc
 
@@ -109,6 +110,19 @@ def test_a_layer_equals_the_torch_layer(n: int, positions: list[int], bias: bool
     torch.testing.assert_close(got_v, want_v, atol=2e-5, rtol=1e-5)
     splits = TritonLayers(heads, kv_heads, 32, 1e-5, 1.0).splits(n, window)
     assert (splits > 1) == (window == 512)  # rows x kv heads are always few here
+
+
+@kernels_run
+def test_many_attention_splits_some_empty_combine_exactly() -> None:
+    from contextwise.backends.triton_decode import TritonLayers
+
+    tiles = {"min_split": 64}
+    assert TritonLayers(6, 2, 32, 1e-5, 1.0, tiles).splits(3, 512) == 8
+    a = layer_inputs(3, [5, 300, 70], False, 6, 2)  # rows end in splits 0, 4 and 1
+    want_x, want_k, _ = torch_layer(a, 6, 2, 32, 512)
+    got_x, got_k, _ = triton_layer(a, 6, 2, 32, 512, tiles)
+    torch.testing.assert_close(got_x, want_x, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(got_k, want_k, atol=2e-5, rtol=1e-5)
 
 
 @kernels_run
@@ -159,7 +173,7 @@ def test_the_kernels_in_the_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "layer_equals or decoder_with_triton"],
+         "-k", "layer_equals or decoder_with_triton or attention_splits"],
         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
