@@ -64,8 +64,7 @@ def confidence(probs: Sequence[float], mode: str = "mean_prob") -> float:
 class _Lazy:
     """A backend (or counter) given directly or built by a factory on first use."""
 
-    def __init__(self, value: Any, name: str):
-        self.name = name
+    def __init__(self, value: Any):
         self._factory = value if callable(value) and not isinstance(value, Backend) else None
         self._value = None if self._factory is not None else value
         self._lock = threading.Lock()
@@ -112,9 +111,9 @@ class CascadeBackend(Backend):
                 raise InputError(name, f"must be a Backend or a factory of one, got {value!r}")
         self.threshold = float(threshold)
         self.confidence = confidence
-        self._small = _Lazy(small, "small")
-        self._large = _Lazy(large, "large")
-        self._counter = _Lazy(counter, "counter") if counter is not None else None
+        self._small = _Lazy(small)
+        self._large = _Lazy(large)
+        self._counter = _Lazy(counter) if counter is not None else None
         self._model_name = model_name
         self._window: int | None = None
         self.identity = identity  # the response cache's model identity, when given

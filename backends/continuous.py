@@ -102,6 +102,11 @@ class _Active(Row):
     drafted: int = 0
     accepted: int = 0
 
+    @property
+    def eos_banned(self) -> int:
+        """How many of the next tokens may not be EOS (min_new_tokens)."""
+        return max(0, self.min_new - len(self.new))
+
 
 class PromptLookup:
     """Prompt-lookup drafts for one sequence: the tokens that followed the latest
@@ -234,27 +239,25 @@ class ContinuousRunner:
         self.stats["prefill_s"] += time.perf_counter() - t0
         for r, token in zip(rows, first, strict=True):
             self.active[r.slot] = r
-            r.pos = r.n_prompt
-            self._take(r, token)
+            r.pos = r.n_prompt - 1  # the prompt's last token; the first new one comes next
+            self._advance(r, [token])
         self.stats["largest_active"] = max(self.stats["largest_active"], len(self.active))
 
     # -- decoding
 
     def _chunk(self) -> None:
-        n = max(self.active) + 1
-        tokens = [0] * n
-        pos = [0] * n
-        ban = [0] * n
-        for slot, r in self.active.items():
-            tokens[slot] = r.new[-1]
-            pos[slot] = r.pos
-            ban[slot] = max(0, r.min_new - len(r.new))
         greedy = all(r.temperature <= 0 for r in self.active.values())
         if greedy and self.speculate and len(self.active) <= self.speculate_rows:
             drafts = self._drafts()
             if any(drafts.values()):
                 self._verify_chunk(drafts)
                 return
+        n = max(self.active) + 1
+        tokens = [0] * n
+        pos = [0] * n
+        ban = [0] * n
+        for slot, r in self.active.items():
+            tokens[slot], pos[slot], ban[slot] = r.new[-1], r.pos, r.eos_banned
         steps = self.steps if greedy else 1
         t0 = time.perf_counter()
         out, logits = self.decoder.decode(n, tokens, pos, steps=steps,
@@ -265,16 +268,11 @@ class ContinuousRunner:
         if greedy:
             chosen = out.tolist()
             for r in rows:
-                taken, ended = r.take_many(chosen[r.slot], self.eos, self._stopped(r))
-                r.pos += taken
-                self.stats["tokens"] += taken
-                if ended:
-                    self._finish(r)
+                self._advance(r, chosen[r.slot])
         else:
             picks = self._choose(rows, logits[[r.slot for r in rows]])
             for r, token in zip(rows, picks, strict=True):
-                r.pos += 1
-                self._take(r, token)
+                self._advance(r, [token])
 
     def _drafts(self) -> dict[int, list[int]]:
         """Each active row's draft; every verified position must fit in its slot."""
@@ -299,8 +297,7 @@ class ContinuousRunner:
         for slot, r in self.active.items():
             d = drafts[slot]
             tokens[slot] = [r.new[-1], *d] + [0] * (t - 1 - len(d))
-            pos[slot] = r.pos
-            ban[slot] = max(0, r.min_new - len(r.new))
+            pos[slot], ban[slot] = r.pos, r.eos_banned
         t0 = time.perf_counter()
         chosen = self.decoder.verify(n, tokens, pos, ban if any(ban) else None)
         self.stats["decode_s"] += time.perf_counter() - t0
@@ -318,11 +315,7 @@ class ContinuousRunner:
             r.accepted += a
             self.stats["drafted"] += len(d)
             self.stats["accepted"] += a
-            taken, ended = r.take_many(g[:a + 1], self.eos, self._stopped(r))
-            r.pos += taken
-            self.stats["tokens"] += taken
-            if ended:
-                self._finish(r)
+            self._advance(r, g[:a + 1])
 
     def _choose(self, rows: list[_Active], logits: Any) -> list[int]:
         """The next token of each row from its logits: argmax, or a sample for sampled rows."""
@@ -339,15 +332,14 @@ class ContinuousRunner:
             picks[idx] = _sample(logits[idx] / temps[:, None], top_p)
         return picks.tolist()
 
-    def _take(self, r: _Active, token: int) -> bool:
-        """Append `token` to row `r`; finish the row when it ends. True when it did."""
-        if r.done:
-            return True
-        self.stats["tokens"] += 1
-        stop = r.take(token, self.eos, self._stopped(r))
-        if stop:
+    def _advance(self, r: _Active, tokens: list[int]) -> None:
+        """Row `r` takes `tokens` (up to where it ends) and moves its position past them;
+        it is finished when it ends."""
+        taken, ended = r.take_many(tokens, self.eos, self._stopped(r))
+        r.pos += taken
+        self.stats["tokens"] += taken
+        if ended:
             self._finish(r)
-        return stop
 
     def _stopped(self, r: _Active) -> Callable[[], bool]:
         """Whether row `r`'s text so far holds one of its stop strings."""

@@ -42,11 +42,11 @@ can't take run on the single path between chunks. With the backend's
 `speculative="prompt_lookup"`, prompt lookup runs in the slots too: while at most
 4 requests decode, greedy rows draft from their own context and one verify pass
 checks all drafts (`speculative="draft"` applies on the single path only).
-`decode_kernels="triton"`
-computes each decode layer with five fused Triton kernels (backends/triton_decode.py)
-instead of PyTorch ops. Built on the first batch; `stats()["static_decode"]` says
-"on" or why not, `stats()["static"]` its counters (and `kernels_note` when the
-Triton kernels were asked for but could not run).
+`decode_kernels="triton"` computes each decode layer with five fused Triton
+kernels (backends/triton_decode.py) instead of PyTorch ops. Built on the first
+batch; `stats()["static_decode"]` says "on" or why not, `stats()["static"]` its
+counters (and `kernels_note` when the Triton kernels were asked for but could
+not run).
 """
 
 from __future__ import annotations
@@ -62,9 +62,8 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from contextwise.backends.base import Backend
-from contextwise.backends.chat_format import TOOL_CALL_OPEN
 from contextwise.backends.continuous import ContinuousRunner, Row, _Active
-from contextwise.backends.local import LocalBackend, _DeltaStreamer
+from contextwise.backends.local import LocalBackend
 from contextwise.backends.static_decode import KERNELS
 
 from contextwise.errors import BackendError, ContextOverflow, InputError, Overloaded
@@ -401,28 +400,24 @@ class BatchingEngine(Backend):
         return 512 * 2**20
 
     def _fits(self, runner: ContinuousRunner, r: _Request) -> bool:
-        p = r.call.params
         assert r.ids is not None
-        return runner.fits(len(r.ids), p.max_tokens or self.backend.default_max_tokens)
+        return runner.fits(len(r.ids), self._max_new(r))
 
     def _make_row(self, r: _Request, slot: int) -> _Active:
         p = r.call.params
-        assert r.ids is not None
         min_new = getattr(self.backend.model.generation_config, "min_new_tokens", None) or 0
-        return _Active(r, r.ids, p.max_tokens or self.backend.default_max_tokens,
-                       tuple(p.stop) if p.stop else None, self._streamer(r), slot=slot,
-                       temperature=p.temperature, top_p=p.top_p, min_new=min_new)
+        return self._row(r, _Active, slot=slot, temperature=p.temperature, top_p=p.top_p,
+                         min_new=min_new)
 
-    def _streamer(self, r: _Request) -> Any:
-        call = r.call
-        if call.on_delta is None:
-            return None
-        markers = list(call.params.stop or [])
-        if call.tools and call.params.tool_choice != "none":
-            markers.append(TOOL_CALL_OPEN)
-        streamer = _DeltaStreamer(self.backend.tokenizer, call.on_delta, markers)
-        streamer.prompt_seen = True  # it is fed the new tokens only
-        return streamer
+    def _max_new(self, r: _Request) -> int:
+        return r.call.params.max_tokens or self.backend.default_max_tokens
+
+    def _row(self, r: _Request, cls: type[Row] = Row, **extra: Any) -> Any:
+        """A batch row for `r`: its prompt ids, token budget, stop strings and stream."""
+        assert r.ids is not None
+        stop = r.call.params.stop
+        return cls(r, r.ids, self._max_new(r), tuple(stop) if stop else None,
+                   self.backend.streamer(r.call, prompt_seen=True), **extra)
 
     def _poll(self, limit: int) -> list[_Request]:
         """Up to `limit` queued requests the runner can take, without waiting; the
@@ -492,15 +487,9 @@ class BatchingEngine(Backend):
         from transformers import StoppingCriteriaList
         from transformers.generation.stopping_criteria import StopStringCriteria
 
-
         b = self.backend
         tok = b.tokenizer
-        rows: list[Row] = []
-        for r in group:
-            p = r.call.params
-            assert r.ids is not None
-            rows.append(Row(r, r.ids, p.max_tokens or b.default_max_tokens,
-                             tuple(p.stop) if p.stop else None, self._streamer(r)))
+        rows: list[Row] = [self._row(r) for r in group]
         stops = {row.stop: StopStringCriteria(tok, list(row.stop)) for row in rows if row.stop}
         self._count_batch(len(rows))
 

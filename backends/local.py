@@ -17,10 +17,11 @@ generation with `prompt_lookup_num_tokens`. Draft tokens are copied from where
 the last n-gram (2, then 1 tokens) occurs earlier in the prompt or the reply so
 far; one forward pass checks the whole draft and keeps the longest prefix the
 model itself would have picked greedily, plus one token of its own. Lossless
-for greedy decoding. Used on this single-request path only (transformers
-supports batch size 1); the batching engine sends a group of one here, so under
-low load calls get prompt lookup and under load they batch. Skipped (plain
-decoding, the reason in the trace) for sampled calls, grammar-constrained calls
+for greedy decoding. Here on the single-request path (transformers supports
+batch size 1): the padded batching engine sends a group of one here, so under
+low load calls get prompt lookup and under load they batch; under static
+decoding the engine's slots run their own prompt lookup (backends/continuous.py).
+Skipped (plain decoding, the reason in the trace) for sampled calls, grammar-constrained calls
 (the grammar processor keeps per-step state that drafting would advance),
 stop strings (transformers' StopStringCriteria only looks at the end of the
 sequence, and a step can add several tokens) and stateful models. Streaming
@@ -212,7 +213,8 @@ class LocalBackend(Backend):
         dtype) or, when None, with the main model's first `draft_layers` layers
         (None: 90% of them)."""
         if speculative not in SPECULATIVE_MODES:
-            raise InputError("speculative", f"must be one of {SPECULATIVE_MODES}, got {speculative!r}")
+            raise InputError("speculative",
+                             f"must be one of {SPECULATIVE_MODES}, got {speculative!r}")
         if not isinstance(speculative_tokens, int) or speculative_tokens < 1:
             raise InputError("speculative_tokens",
                              f"must be an int >= 1, got {speculative_tokens!r}")
@@ -350,6 +352,19 @@ class LocalBackend(Backend):
     def generate(self, calls: Sequence[Call]) -> list[Reply]:
         return [self._generate_one(c) for c in calls]
 
+    def streamer(self, call: Call, prompt_seen: bool = False) -> _DeltaStreamer | None:
+        """The call's stream (None without `on_delta`), holding back text that may turn
+        out to be a stop string or a tool call; `prompt_seen`: it is fed the new tokens
+        only (the batching engine's rows)."""
+        if call.on_delta is None:
+            return None
+        markers = list(call.params.stop or [])
+        if call.tools and call.params.tool_choice != "none":
+            markers.append(TOOL_CALL_OPEN)
+        streamer = _DeltaStreamer(self.tokenizer, call.on_delta, markers)
+        streamer.prompt_seen = prompt_seen
+        return streamer
+
     def generate_scored(self, call: Call) -> tuple[Reply, list[float]]:
         """One call, plus the probability the model gave each token it chose (its own
         softmax over the raw logits, before temperature / top_p / grammar)."""
@@ -401,12 +416,8 @@ class LocalBackend(Backend):
             kwargs["logits_processor"] = [self.grammars.processor(p.json_schema, max_new=max_new)]
         if p.stop and not forced and not p.response_format:
             kwargs.update(stop_strings=p.stop, tokenizer=self.tokenizer)
-        streamer = None
-        if call.on_delta is not None and not forced:
-            markers = list(p.stop or [])
-            if call.tools and p.tool_choice != "none":
-                markers.append(TOOL_CALL_OPEN)
-            streamer = _DeltaStreamer(self.tokenizer, call.on_delta, markers)
+        streamer = None if forced else self.streamer(call)
+        if streamer is not None:
             kwargs["streamer"] = streamer
         spec_trace: dict[str, Any] = {}
         passes: _PassCounter | None = None

@@ -59,8 +59,7 @@ from contextwise.backends.local import LocalBackend
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import RESULTS, write_results
-from contextwise.types import Call
+from benchmarks.common import RESULTS, chat, write_results
 
 REQUESTS = 16
 STATIC_KV_MB = 768  # 16 slots of 1,024 tokens in fp32 (the prompts are ~40 tokens)
@@ -76,10 +75,6 @@ QUESTIONS = [
     "Explain photosynthesis simply.", "At what temperature does water boil?",
     "Suggest a weekend hobby.", "Describe a sunset in three words.",
 ]
-
-
-def chat(question: str, max_tokens: int = NEW_TOKENS) -> Call:
-    return Call.build([{"role": "user", "content": question}], max_tokens=max_tokens)
 
 
 def percentile(xs: list[float], q: float) -> float:

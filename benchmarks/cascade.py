@@ -37,9 +37,9 @@ from contextwise.backends.local import LocalBackend
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import write_results
+from benchmarks.common import chat, write_results
 from contextwise.policy import Cascade
-from contextwise.types import Call, Reply
+from contextwise.types import Reply
 
 MAX_TOKENS = 32
 DEFAULT_THRESHOLD = Cascade().threshold
@@ -69,13 +69,9 @@ PROMPTS = [
 ]
 
 
-def _call(text: str, max_tokens: int = MAX_TOKENS) -> Call:
-    return Call.build([{"role": "user", "content": text}], max_tokens=max_tokens)
-
-
 def _run(backend: Any) -> tuple[list[Reply], float]:
     t0 = time.perf_counter()
-    replies = [backend.generate([_call(p)])[0] for p in PROMPTS]
+    replies = [backend.generate([chat(p, MAX_TOKENS)])[0] for p in PROMPTS]
     return replies, time.perf_counter() - t0
 
 
@@ -87,7 +83,7 @@ def main() -> dict[str, Any]:
     large = LocalBackend(prefix_cache_mb=0)
     small = LocalBackend(prefix_cache_mb=0, quantization="int8")
     for b in (large, small):  # warm-up
-        b.generate([_call("Hi", 4)])
+        b.generate([chat("Hi", 4)])
     baseline, base_s = _run(large)
     base_text = [r.text for r in baseline]
     metrics: dict[str, Any] = {

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from contextwise.types import Call
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -21,6 +23,11 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
+
+
+def chat(text: str, max_tokens: int | None = None) -> Call:
+    """A one-message user call (max_tokens None: the backend's default)."""
+    return Call.build([{"role": "user", "content": text}], max_tokens=max_tokens)
 
 
 def write_results(name: str, metrics: dict[str, Any]) -> Path:

@@ -104,17 +104,8 @@ def main() -> None:
     prompt = enc[0]
     for graphs, steps, count in ((True, 8, new), (True, 1, new), (False, 1, 16)):
         dec = StaticDecoder(model, slots=1, max_len=1024, cuda_graphs=graphs)
-        for timed in (False, True):  # the first round captures
-            first = int(dec.prefill([0], [prompt])[0].argmax())
-            pos, token, made = len(prompt), first, 0
-            sync()
-            t0 = time.perf_counter()
-            while made < count:
-                toks, _ = dec.decode(1, [token], [pos], steps=steps)
-                token, pos, made = int(toks[0, -1]), pos + steps, made + steps
-            sync()
         key = f"decoder_bs1_{'graph' if graphs else 'eager'}_steps{steps}_tok_s"
-        out[key] = round(made / (time.perf_counter() - t0), 1)
+        out[key] = decoder_tok_s(dec, prompt, 1, count, steps, sync)
         log(f"{key}: {out[key]}")
         del dec
     save()
@@ -189,6 +180,23 @@ def main() -> None:
     print(json.dumps(out, indent=2))
 
 
+def decoder_tok_s(dec: Any, prompt: list[int], rows: int, count: int, steps: int,
+                  sync: Any) -> float:
+    """Tokens/s of `dec` alone: `rows` copies of `prompt` prefilled, then `count` tokens
+    each, `steps` per decode call; the second of two rounds (the first compiles and
+    captures)."""
+    for _ in range(2):
+        tokens = dec.prefill(list(range(rows)), [prompt] * rows).argmax(-1).tolist()
+        pos, made = len(prompt), 0
+        sync()
+        t0 = time.perf_counter()
+        while made < count:
+            toks, _ = dec.decode(rows, tokens, [pos] * rows, steps=steps)
+            tokens, pos, made = toks[:, -1].tolist(), pos + steps, made + steps
+        sync()
+    return round(rows * made / (time.perf_counter() - t0), 1)
+
+
 def triton_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
                 out: dict[str, Any], folder: Path, log: Any, save: Any) -> None:
     """The Triton kernels: the decoder alone at batch 1 and N for a few tile sizes (the
@@ -214,16 +222,7 @@ def triton_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
                 raise RuntimeError(dec.stats["kernels_note"])
             dec.triton.tiles.update(tiles)
             name = ",".join(f"{k}={v}" for k, v in sorted(tiles.items())) or "default"
-            for _ in range(2):  # the first round compiles and captures
-                first = dec.prefill(list(range(rows)), [prompt] * rows).argmax(-1).tolist()
-                pos, tokens, made = len(prompt), first, 0
-                sync()
-                t0 = time.perf_counter()
-                while made < new:
-                    toks, _ = dec.decode(rows, tokens, [pos] * rows, steps=8)
-                    tokens, pos, made = toks[:, -1].tolist(), pos + 8, made + 8
-                sync()
-            sweep[name] = round(rows * made / (time.perf_counter() - t0), 1)
+            sweep[name] = decoder_tok_s(dec, prompt, rows, new, 8, sync)
             log(f"triton decoder x{rows} {name}: {sweep[name]} tok/s")
             del dec
         tag = "bs1" if rows == 1 else "many"

@@ -44,8 +44,8 @@ from contextwise.backends.local import LocalBackend
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.common import write_results
-from contextwise.types import Call, Reply
+from benchmarks.common import chat, write_results
+from contextwise.types import Reply
 
 MAX_TOKENS = 96
 SPECULATIVE_TOKENS = 10
@@ -107,10 +107,6 @@ CONTROL = [
 ]
 
 
-def _call(text: str, max_tokens: int = MAX_TOKENS) -> Call:
-    return Call.build([{"role": "user", "content": text}], max_tokens=max_tokens)
-
-
 def _same(a: Reply, b: Reply) -> bool:
     return (a.message.content == b.message.content and a.usage == b.usage
             and a.finish_reason == b.finish_reason)
@@ -149,7 +145,7 @@ def _workload(prompts: list[str], plain: LocalBackend, lookup: LocalBackend,
         for name, backend in order:
             before = drafts.passes
             t0 = time.perf_counter()
-            replies[name] = backend.generate([_call(text)])[0]
+            replies[name] = backend.generate([chat(text, MAX_TOKENS)])[0]
             walls[name] = time.perf_counter() - t0
             seconds[name] += walls[name]
             tokens[name] += replies[name].usage.completion_tokens
@@ -198,7 +194,7 @@ def _static_workload(prompts: list[str], plain: LocalBackend,
     engines = {name: BatchingEngine(b, max_batch=4, static_decode="on", kv_cache_mb=256)
                for name, b in (("plain", plain), ("lookup", lookup))}
     for e in engines.values():  # warm-up
-        e.generate([_call("Hi", 4)])
+        e.generate([chat("Hi", 4)])
     before = {name: dict(e.stats()["static"]) for name, e in engines.items()}
     seconds = {"plain": 0.0, "lookup": 0.0}
     tokens = {"plain": 0, "lookup": 0}
@@ -208,7 +204,7 @@ def _static_workload(prompts: list[str], plain: LocalBackend,
         replies: dict[str, Reply] = {}
         for name in order:
             t0 = time.perf_counter()
-            replies[name] = engines[name].generate([_call(text)])[0]
+            replies[name] = engines[name].generate([chat(text, MAX_TOKENS)])[0]
             seconds[name] += time.perf_counter() - t0
             tokens[name] += replies[name].usage.completion_tokens
         identical += _same(replies["plain"], replies["lookup"])
@@ -238,7 +234,7 @@ def main() -> dict[str, Any]:
                          speculative_tokens=SPECULATIVE_TOKENS)
     drafts = _DraftPasses(plain.model)
     for b in (plain, lookup, draft):  # warm-up
-        b.generate([_call("Hi", 4)])
+        b.generate([chat("Hi", 4)])
     quote = _workload(QUOTE, plain, lookup, draft, drafts)
     control = _workload(CONTROL, plain, lookup, draft, drafts)
     quote.update(_static_workload(QUOTE, plain, lookup))

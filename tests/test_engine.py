@@ -240,6 +240,24 @@ def engine(local: Any) -> Iterator[BatchingEngine]:
         yield e
 
 
+def all_at_once(engine: BatchingEngine, questions: list[str], max_tokens: int) -> list[Reply]:
+    """One thread per question, all released together: each one's reply, in order."""
+    got: list[Reply | None] = [None] * len(questions)
+    barrier = threading.Barrier(len(questions))
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        got[i] = engine.generate([call(questions[i], max_tokens=max_tokens)])[0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(r is not None for r in got), "a caller got no reply"
+    return got  # type: ignore[return-value]
+
+
 def same(a: Reply, b: Reply) -> None:
     assert a.message.content == b.message.content
     assert [(c.name, c.arguments) for c in a.tool_calls] == [
@@ -251,18 +269,7 @@ def same(a: Reply, b: Reply) -> None:
 def test_threads_and_asyncio_get_the_sequential_greedy_text(local: Any,
                                                             engine: BatchingEngine) -> None:
     sequential = [local.generate([call(q, max_tokens=16)])[0] for q in QUESTIONS]
-    got: list[Reply | None] = [None] * len(QUESTIONS)
-    barrier = threading.Barrier(len(QUESTIONS))
-
-    def worker(i: int) -> None:
-        barrier.wait()
-        got[i] = engine.generate([call(QUESTIONS[i], max_tokens=16)])[0]
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(QUESTIONS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    got = all_at_once(engine, QUESTIONS, 16)
 
     async def gather() -> list[Reply]:
         return [r for rs in await asyncio.gather(
@@ -270,7 +277,6 @@ def test_threads_and_asyncio_get_the_sequential_greedy_text(local: Any,
 
     for replies in (got, asyncio.run(gather())):
         for a, b in zip(sequential, replies, strict=True):
-            assert b is not None
             same(a, b)
     assert engine.stats()["batched_calls"] >= 2  # some of them did share a generate
 

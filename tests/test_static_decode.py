@@ -18,11 +18,10 @@ from contextwise.backends.continuous import PromptLookup, Row
 from contextwise.backends.engine import BatchingEngine
 from contextwise.backends.static_decode import StaticDecoder, supported
 from pydantic import ValidationError
-from test_engine import QUESTIONS, call, same
+from test_engine import QUESTIONS, all_at_once, call, same
 
 from contextwise.errors import Cancelled, InputError
 from contextwise.policy import Local
-from contextwise.types import Reply
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -276,20 +275,8 @@ def engine(local: Any) -> Iterator[BatchingEngine]:
 def test_static_engine_gives_the_single_path_greedy_text(local: Any,
                                                          engine: BatchingEngine) -> None:
     sequential = [local.generate([call(q, max_tokens=16)])[0] for q in QUESTIONS]
-    got: list[Reply | None] = [None] * len(QUESTIONS)
-    barrier = threading.Barrier(len(QUESTIONS))
-
-    def worker(i: int) -> None:
-        barrier.wait()
-        got[i] = engine.generate([call(QUESTIONS[i], max_tokens=16)])[0]
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(QUESTIONS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    got = all_at_once(engine, QUESTIONS, 16)
     for a, b in zip(sequential, got, strict=True):
-        assert b is not None
         same(a, b)
         (rec,) = b.trace.of("backend")
         assert rec["decode"] == "static"
