@@ -258,6 +258,22 @@ def all_at_once(engine: BatchingEngine, questions: list[str], max_tokens: int) -
     return got  # type: ignore[return-value]
 
 
+def streamed_calls(local: Any) -> tuple[list[Reply], list[Call], list[list[str]]]:
+    """Three streamed calls (one plain, two with stop strings): the single path's replies,
+    the calls, and the list each call's deltas go to."""
+    params = [{"max_tokens": 24}, {"max_tokens": 12, "stop": ["\n"]},
+              {"max_tokens": 20, "stop": ["rain", "."]}]
+    qs = [QUESTIONS[1], QUESTIONS[2], QUESTIONS[5]]
+    sequential = [local.generate([call(q, **p)])[0] for q, p in zip(qs, params, strict=True)]
+    deltas: list[list[str]] = [[], [], []]
+    calls = []
+    for i, (q, p) in enumerate(zip(qs, params, strict=True)):
+        c = call(q, **p)
+        c.on_delta = deltas[i].append
+        calls.append(c)
+    return sequential, calls, deltas
+
+
 def same(a: Reply, b: Reply) -> None:
     assert a.message.content == b.message.content
     assert [(c.name, c.arguments) for c in a.tool_calls] == [
@@ -305,16 +321,7 @@ def test_one_batch_one_generate_and_a_trace_record(local: Any, engine: BatchingE
 
 @pytest.mark.model
 def test_streams_add_up_per_request(local: Any, engine: BatchingEngine) -> None:
-    params = [{"max_tokens": 24}, {"max_tokens": 12, "stop": ["\n"]}, {"max_tokens": 20,
-                                                                       "stop": ["rain", "."]}]
-    qs = [QUESTIONS[1], QUESTIONS[2], QUESTIONS[5]]
-    sequential = [local.generate([call(q, **p)])[0] for q, p in zip(qs, params, strict=True)]
-    deltas: list[list[str]] = [[], [], []]
-    calls = []
-    for i, (q, p) in enumerate(zip(qs, params, strict=True)):
-        c = call(q, **p)
-        c.on_delta = deltas[i].append
-        calls.append(c)
+    sequential, calls, deltas = streamed_calls(local)
     replies = engine.generate(calls)
     for a, b, d in zip(sequential, replies, deltas, strict=True):
         same(a, b)

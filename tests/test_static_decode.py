@@ -18,7 +18,7 @@ from contextwise.backends.continuous import PromptLookup, Row
 from contextwise.backends.engine import BatchingEngine
 from contextwise.backends.static_decode import StaticDecoder, supported
 from pydantic import ValidationError
-from test_engine import QUESTIONS, all_at_once, call, same
+from test_engine import QUESTIONS, all_at_once, call, same, streamed_calls
 
 from contextwise.errors import Cancelled, InputError
 from contextwise.policy import Local
@@ -308,17 +308,7 @@ def test_static_engine_speculates_with_prompt_lookup(local: Any) -> None:
 @pytest.mark.model
 def test_static_engine_streams_stops_and_cancels_per_row(local: Any,
                                                          engine: BatchingEngine) -> None:
-    params = [{"max_tokens": 24}, {"max_tokens": 12, "stop": ["\n"]},
-              {"max_tokens": 20, "stop": ["rain", "."]}]
-    qs = [QUESTIONS[1], QUESTIONS[2], QUESTIONS[5]]
-    sequential = [local.generate([call(q, **p)])[0] for q, p in zip(qs, params, strict=True)]
-    deltas: list[list[str]] = [[], [], []]
-    calls = []
-    for i, (q, p) in enumerate(zip(qs, params, strict=True)):
-        c = call(q, **p)
-        c.on_delta = deltas[i].append
-        calls.append(c)
-
+    sequential, calls, deltas = streamed_calls(local)
     seen: list[str] = []
 
     def closing(delta: str) -> None:
