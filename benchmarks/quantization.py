@@ -8,9 +8,10 @@ the embedded SmolLM2-135M with `load_model(..., quantization=mode)` and reports:
 
 - `weight_bytes`: storage of all parameters and buffers after quantization
   (packed int4/int8 data, scales and zero points; the tied embedding/head once);
-- `load_peak_rss_mb` / `load_rss_mb`: peak and resident memory added by the load
-  (the peak includes the float copy quantization starts from; transformers maps
-  the float file lazily, so `none` grows after the load), and `resident_mb`:
+- `load_peak_rss_mb` / `load_rss_mb`: peak (VmHWM, reset before the load) and
+  resident memory added by the load (transformers maps the float file lazily,
+  so `none` grows after the load; the quantized modes read one float layer at a
+  time from the file), and `resident_mb`:
   memory added once the model has been used (perplexity and generation ran);
 - `ppl`: perplexity of the model on `benchmarks/data/heldout_text/text.txt`
   (original prose written for the project), sliding 512-token windows with a
@@ -67,7 +68,25 @@ def _rss_mb() -> float:
     return float("nan")
 
 
+def _reset_peak() -> None:
+    """Restart the peak-RSS count (Linux: "5" to clear_refs resets VmHWM). Without
+    it the peak would include the parent's: ru_maxrss survives fork and exec."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_mb() -> float:
+    """Peak resident memory since `_reset_peak`."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -104,6 +123,7 @@ def measure(mode: str, device: str) -> dict[str, Any]:
 
     hf_logging.disable_progress_bar()
     rss0 = _rss_mb()
+    _reset_peak()
     t0 = time.perf_counter()
     loaded = load_model(MODEL, device=device, quantization=mode)
     load_s = time.perf_counter() - t0

@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 
@@ -94,15 +95,39 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from contextwise.backends.loading import ALIASES, packaged_path, pull
+    from contextwise.backends.loading import (
+        ALIASES,
+        cache_root,
+        converted_dir,
+        packaged_path,
+        prune_converted,
+        pull,
+    )
 
     if args.action == "pull":
         path = pull(args.name)
         print(f"{args.name}: {path}")
+    elif args.action == "prune":
+        missing = [k for k in args.keep if not Path(k).is_file()]
+        if missing:
+            print(f"--keep: no such GGUF file: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        removed = prune_converted(keep=args.keep, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        for folder, size in removed:
+            print(f"{verb} {folder} ({size / 1e6:.0f} MB)")
+        total = sum(size for _, size in removed)
+        print(f"{verb} {len(removed)} converted cop{'y' if len(removed) == 1 else 'ies'}, "
+              f"{total / 1e6:.0f} MB, under {cache_root() / 'converted'}")
     else:
         for name, m in ALIASES.items():
             path = packaged_path(m)
-            print(f"{name}\t{'installed: ' + str(path) if path else 'not installed'}")
+            if path is None:
+                print(f"{name}\tnot installed")
+                continue
+            converted = converted_dir(str(path), None)
+            state = "converted" if (converted / "config.json").is_file() else "not converted yet"
+            print(f"{name}\tinstalled: {path}\t{state}: {converted}")
     return 0
 
 
@@ -265,9 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("models", help="list or install the embedded models")
-    p.add_argument("action", choices=["list", "pull"])
+    p = sub.add_parser("models", help="list or install the embedded models, prune their "
+                                      "converted copies")
+    p.add_argument("action", choices=["list", "pull", "prune"])
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    p.add_argument("--keep", action="append", default=[], metavar="GGUF",
+                   help="prune: also keep the converted copy of this GGUF file (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
     p.set_defaults(func=cmd_models)
 
     p = with_policy(sub.add_parser("policy", help="print a policy (default or --policy file)"))

@@ -249,3 +249,51 @@ def test_policy_threads_quantization_to_the_loaded_model(backends: dict) -> None
     assert backend.quantization == "int8"
     assert backend.model is backends["int8"].model  # same process-wide loaded copy
 
+
+
+# -- quantizing from the checkpoint file, one layer at a time
+
+
+@needs_torchao
+@pytest.mark.parametrize("mode", CPU_MODES)
+def test_quantizing_from_the_file_equals_quantizing_the_loaded_model(tmp_path, mode) -> None:
+    from contextwise.backends.checkpoint_reader import CheckpointReader
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path)
+    plain = quantize(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), mode, "cpu")
+    reader = CheckpointReader(tmp_path)
+    read = []
+    reader.read = lambda name, rows=None, real=reader.read: read.append(name) or real(name, rows)
+    streamed = quantize(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), mode, "cpu",
+                        weights=reader)
+    assert streamed.contextwise_quantization == plain.contextwise_quantization
+    # every linear's weight and the (tied) embedding came from the file
+    assert len(set(read)) == 2 * 7 + 1 and "model.embed_tokens.weight" in read
+    with torch.no_grad():
+        assert torch.equal(streamed(IDS).logits, plain(IDS).logits)
+
+
+@needs_torchao
+def test_a_checkpoint_that_does_not_match_is_read_from_the_model(tmp_path) -> None:
+    from contextwise.backends.checkpoint_reader import CheckpointReader
+    from safetensors.torch import save_file
+
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)},
+              tmp_path / "model.safetensors")  # wrong shape: not used
+    plain = quantize(tiny_llama(), "int8", "cpu")
+    streamed = quantize(tiny_llama(), "int8", "cpu", weights=CheckpointReader(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(streamed(IDS).logits, plain(IDS).logits)
+
+
+def test_int8_rows_in_chunks_equal_int8_rows_at_once(monkeypatch) -> None:
+    from contextwise.backends.quantize import Int8Rows
+
+    w = torch.randn(1000, 24)
+    whole = Int8Rows(w)
+    monkeypatch.setattr(Int8Rows, "CHUNK", 96)
+    reads = []
+    chunked = Int8Rows(w, lambda i, j: reads.append((i, j)) or w[i:j].clone())
+    assert reads[0] == (0, 96) and reads[-1] == (960, 1000) and len(reads) == 11
+    assert torch.equal(chunked.qdata, whole.qdata) and torch.equal(chunked.scale, whole.scale)

@@ -1,0 +1,84 @@
+"""The converted-weights cache: named by content, pruned on request (no model loaded)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from contextwise.backends.loading import ALIASES, converted_dir, packaged_path, prune_converted
+
+from contextwise.cli import main
+
+
+def _gguf(path, payload: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"GGUF" + payload)
+    return path
+
+
+def _converted(folder, size: int = 1000):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\0" * size)
+    return folder
+
+
+def test_the_same_file_in_two_environments_shares_one_converted_copy(tmp_path):
+    a = _gguf(tmp_path / "venv-a" / "m.gguf", b"weights")
+    b = _gguf(tmp_path / "venv-b" / "m.gguf", b"weights")
+    os.utime(b, ns=(1, 1))  # reinstalled: another mtime
+    assert converted_dir(str(a), str(tmp_path)) == converted_dir(str(b), str(tmp_path))
+    other = _gguf(tmp_path / "venv-c" / "m.gguf", b"weightz")
+    assert converted_dir(str(other), str(tmp_path)) != converted_dir(str(a), str(tmp_path))
+    assert converted_dir(str(a), str(tmp_path)).parent == tmp_path / "converted"
+
+
+def test_an_edited_file_gets_a_new_copy(tmp_path):
+    f = _gguf(tmp_path / "m.gguf", b"one")
+    before = converted_dir(str(f), str(tmp_path))
+    f.write_bytes(b"GGUFtwo")
+    os.utime(f, ns=(10**18, 10**18))
+    assert converted_dir(str(f), str(tmp_path)) != before
+
+
+def test_prune_keeps_the_copies_in_use_and_removes_the_rest(tmp_path):
+    cache = str(tmp_path / "cache")
+    mine = _gguf(tmp_path / "mine.gguf", b"mine")
+    kept = _converted(converted_dir(str(mine), cache))
+    stale = _converted(tmp_path / "cache" / "converted" / "m-0123456789ab", size=5000)
+    crashed_long_ago = _converted(tmp_path / "cache" / "converted" / "m-x.tmp-abc")
+    os.utime(crashed_long_ago, (time.time() - 7200, time.time() - 7200))
+    running = _converted(tmp_path / "cache" / "converted" / "m-y.tmp-def")
+
+    listed = prune_converted(cache, keep=[str(mine)], dry_run=True)
+    assert {f for f, _ in listed} == {stale, crashed_long_ago}
+    assert dict(listed)[stale] == 5000 + 2
+    assert stale.is_dir()  # a dry run removes nothing
+
+    removed = prune_converted(cache, keep=[str(mine)])
+    assert {f for f, _ in removed} == {stale, crashed_long_ago}
+    assert not stale.exists() and not crashed_long_ago.exists()
+    assert kept.is_dir() and running.is_dir()
+    assert prune_converted(cache, keep=[str(mine)]) == []
+
+
+def test_prune_keeps_the_installed_default_model(tmp_path):
+    gguf = packaged_path(ALIASES["smollm2-135m-instruct"])
+    cache = str(tmp_path)
+    default = _converted(converted_dir(str(gguf), cache))
+    assert prune_converted(cache) == []
+    assert default.is_dir()
+    assert prune_converted(str(tmp_path / "nothing-here")) == []
+
+
+def test_models_prune_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CONTEXTWISE_CACHE", str(tmp_path))
+    stale = _converted(tmp_path / "converted" / "m-0123456789ab", size=2_000_000)
+    assert main(["models", "prune", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would remove {stale} (2 MB)" in out and stale.is_dir()
+    assert main(["models", "prune"]) == 0
+    assert "removed 1 converted copy, 2 MB" in capsys.readouterr().out
+    assert not stale.exists()
+    assert main(["models", "prune", "--keep", str(tmp_path / "missing.gguf")]) == 2
+    assert "no such GGUF file" in capsys.readouterr().err
