@@ -28,7 +28,12 @@ pays off when most calls are accepted and the small model is much cheaper.
   the large backend once loaded, before that with `counter` (a tokenizer-only
   `PromptCounter` in `build_backend`).
 - Batching: `generate(calls)` takes a list (the BatchingEngine hands a
-  non-LocalBackend its groups whole) and runs the calls one after another.
+  non-LocalBackend its groups whole). Its greedy, unconstrained calls run on
+  the small model as one padded batch (`LocalBackend.generate_scored_batch`),
+  and the escalated ones that are not streamed as one batch on the large
+  model; the rest, and backends without that method, run one by one. Padding
+  can change float rounding, so a batched reply may differ from a lone one at
+  a near-tie, as in the engine's padded batches.
 """
 
 from __future__ import annotations
@@ -187,7 +192,57 @@ class CascadeBackend(Backend):
     # -- generation
 
     def generate(self, calls: Sequence[Call]) -> list[Reply]:
-        return [self._one(c) for c in calls]
+        """Each call decided on its own; a group's greedy, unconstrained calls run on
+        the small model in one padded batch, and those escalated on the large one
+        in another, when the backends offer `generate_scored_batch` (LocalBackend)."""
+        t0 = time.perf_counter()
+        tries = [i for i, c in enumerate(calls) if self._batches(c)]
+        scored: dict[int, Any] = {}
+        if len(tries) > 1:
+            quiet = [calls[i].model_copy(update={"on_delta": None}) for i in tries]
+            many = getattr(self.small, "generate_scored_batch", None)
+            results = many(quiet) if many is not None else [self._small_scored(q) for q in quiet]
+            scored = dict(zip(tries, results, strict=True))
+        replies: list[Reply | None] = [None] * len(calls)
+        escalated: list[int] = []
+        for i, call in enumerate(calls):
+            if i not in scored:
+                replies[i] = self._one(call)
+            elif isinstance(scored[i], ContextOverflow):
+                replies[i] = self._direct(call, t0, "small_overflow")
+            elif isinstance(scored[i], BaseException):
+                raise scored[i]
+            else:
+                replies[i] = self._decide(call, *scored[i], t0)
+                if replies[i] is None:
+                    escalated.append(i)
+        for i, reply in zip(escalated, self._large_many([calls[i] for i in escalated]),
+                            strict=True):
+            reply.latency_s = time.perf_counter() - t0
+            replies[i] = reply
+        assert all(r is not None for r in replies)
+        return replies  # type: ignore[return-value]
+
+    @staticmethod
+    def _batches(call: Call) -> bool:
+        p = call.params
+        return p.temperature == 0 and not p.response_format and not forced_tools(call)
+
+    def _large_many(self, calls: list[Call]) -> list[Reply]:
+        """The escalated calls on the large model: unstreamed ones in one batch
+        when it can, the rest one by one."""
+        if not calls:
+            return []  # the large model stays unloaded
+        large = self.large
+        many = getattr(large, "generate_scored_batch", None)
+        together = [c for c in calls if c.on_delta is None] if many is not None else []
+        done: dict[int, Reply] = {}
+        if len(together) > 1:
+            for c, result in zip(together, many(together), strict=True):
+                if isinstance(result, BaseException):
+                    raise result
+                done[id(c)] = result[0]
+        return [done[id(c)] if id(c) in done else large.generate([c])[0] for c in calls]
 
     def _direct(self, call: Call, t0: float, reason: str) -> Reply:
         reply = self.large.generate([call])[0]
@@ -201,16 +256,33 @@ class CascadeBackend(Backend):
         p = call.params
         if p.response_format or forced_tools(call):
             return self._direct(call, t0, "constrained")
+        result = self._small_scored(call.model_copy(update={"on_delta": None}))
+        if isinstance(result, ContextOverflow):
+            return self._direct(call, t0, "small_overflow")
+        decided = self._decide(call, *result, t0)
+        if decided is not None:
+            return decided
+        final = self.large.generate([call])[0]
+        final.latency_s = time.perf_counter() - t0
+        return final
+
+    def _small_scored(self, quiet: Call) -> tuple[Reply, list[float]] | ContextOverflow:
+        """One call on the small model: (reply, token probabilities), or the
+        ContextOverflow that sends it to the large model."""
         small = self.small
         scored = getattr(small, "generate_scored", None)
         if scored is None:
             raise BackendError(f"the cascade's small backend ({type(small).__name__}) "
                                "has no generate_scored(call); use a LocalBackend")
-        quiet = call.model_copy(update={"on_delta": None})  # shares the trace
         try:
-            reply, probs = scored(quiet)
-        except ContextOverflow:
-            return self._direct(call, t0, "small_overflow")
+            return scored(quiet)  # type: ignore[no-any-return]
+        except ContextOverflow as e:
+            return e
+
+    def _decide(self, call: Call, reply: Reply, probs: list[float], t0: float) -> Reply | None:
+        """The small reply when its confidence passes the threshold (streamed to
+        `on_delta` in one piece), else None: the call escalates (both traced)."""
+        small = self.small
         conf = confidence(probs, self.confidence)
         record = {"confidence": round(conf, 4), "threshold": self.threshold,
                   "measure": self.confidence, "small_model": small.model_name}
@@ -224,6 +296,4 @@ class CascadeBackend(Backend):
         wasted = reply.usage.completion_tokens
         self._count(escalated=1, small_tokens_wasted=wasted)
         call.trace.add("cascade", decision="escalated", small_tokens_wasted=wasted, **record)
-        final = self.large.generate([call])[0]
-        final.latency_s = time.perf_counter() - t0
-        return final
+        return None

@@ -63,7 +63,7 @@ from typing import Any, Self
 
 from contextwise.backends.base import Backend
 from contextwise.backends.continuous import ContinuousRunner, Row, _Active
-from contextwise.backends.local import LocalBackend
+from contextwise.backends.local import LocalBackend, left_padded
 from contextwise.backends.static_decode import KERNELS
 
 from contextwise.errors import BackendError, ContextOverflow, InputError, Overloaded
@@ -494,11 +494,7 @@ class BatchingEngine(Backend):
         self._count_batch(len(rows))
 
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        width = max(row.n_prompt for row in rows)
-        input_ids = torch.tensor([[pad] * (width - row.n_prompt) + row.ids for row in rows],
-                                 dtype=torch.long)
-        mask = torch.tensor([[0] * (width - row.n_prompt) + [1] * row.n_prompt for row in rows],
-                            dtype=torch.long)
+        input_ids, mask = left_padded([row.ids for row in rows], pad)
         p = rows[0].req.call.params  # the group shares its decoding class
         kwargs: dict[str, Any] = {
             "max_new_tokens": max(row.max_new for row in rows),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -127,14 +128,39 @@ def resolve(spec: str) -> tuple[str, str]:
     return "hub", spec
 
 
+MEMO_ENTRIES = 256  # digests remembered in converted/digests.json
+
+
 @lru_cache(maxsize=32)
-def _content_digest(path: str, size: int, mtime_ns: int) -> str:
-    """Hash of a file's bytes (~0.15 s for the 98 MB default GGUF); size and
-    mtime are part of the key only so that an edited file is hashed again."""
+def _content_digest(path: str, size: int, mtime_ns: int, root: Path) -> str:
+    """Hash of a file's bytes (~0.15 s for the 98 MB default GGUF), remembered in
+    `root`/digests.json by path, size and mtime so a warm load skips it (an
+    edited or reinstalled file is hashed again). A memo that can't be read or
+    written (read-only cache, a race with another process) only costs a hash."""
+    key = f"{path}:{size}:{mtime_ns}"
+    memo_file = root / "digests.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+        if isinstance(memo.get(key), str):
+            return str(memo[key])
+    except (OSError, ValueError, AttributeError):
+        memo = {}
     h = hashlib.blake2b(digest_size=8)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
+    memo = {k: v for k, v in list(memo.items())[-(MEMO_ENTRIES - 1):] if k != key}
+    memo[key] = h.hexdigest()
+    tmp = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="digests.", suffix=".tmp", dir=root)
+        with os.fdopen(fd, "w") as out:
+            json.dump(memo, out)
+        os.replace(tmp, memo_file)  # atomic: readers see the old or the new memo
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return h.hexdigest()
 
 
@@ -142,8 +168,9 @@ def converted_dir(gguf: str, cache_dir: str | None) -> Path:
     """Where the converted copy of `gguf` lives: named by the file's content, not
     its path, so every environment that installs the same file shares one copy."""
     st = os.stat(gguf)
-    digest = _content_digest(os.path.abspath(gguf), st.st_size, st.st_mtime_ns)
-    return cache_root(cache_dir) / "converted" / f"{Path(gguf).stem}-{digest}"
+    root = cache_root(cache_dir) / "converted"
+    digest = _content_digest(os.path.abspath(gguf), st.st_size, st.st_mtime_ns, root)
+    return root / f"{Path(gguf).stem}-{digest}"
 
 
 def _tree_bytes(path: Path) -> int:

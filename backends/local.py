@@ -79,7 +79,7 @@ from contextwise.backends.prompt import forced_tools, render_prompt
 from contextwise.errors import BackendError, Cancelled, ContextOverflow, InputError, ModelNotFound
 from contextwise.types import Call, InvalidToolCall, Message, Reply, Tool, ToolCall, Usage
 
-__all__ = ["LocalBackend"]
+__all__ = ["LocalBackend", "left_padded"]
 
 DEFAULT_MAX_TOKENS = 256
 SPECULATIVE_MODES = ("none", "prompt_lookup", "draft")
@@ -371,6 +371,71 @@ class LocalBackend(Backend):
         probs: list[float] = []
         return self._generate_one(call, probs=probs), probs
 
+    def batchable(self, call: Call) -> bool:
+        """Whether `call` can share one padded batch in `generate_scored_batch`:
+        greedy, unconstrained, not streamed."""
+        p = call.params
+        return (p.temperature == 0 and not p.response_format and not forced_tools(call)
+                and call.on_delta is None)
+
+    def generate_scored_batch(
+        self, calls: Sequence[Call],
+    ) -> list[tuple[Reply, list[float]] | BaseException]:
+        """`generate_scored` for many `batchable` calls at once: one left-padded
+        greedy `generate`, each row cut at its own EOS and max_tokens. Per call,
+        (reply, probabilities) or the error that call met (ContextOverflow), so one
+        bad call does not fail the others. The confidence cascade's small model
+        answers a concurrent group this way. Padding changes float rounding, so a
+        near-tie can pick another token than the single path would (fp32 on CPU:
+        the same text for all 16 rows of benchmarks/backend.py)."""
+        import torch
+
+        t0 = time.perf_counter()
+        results: list[tuple[Reply, list[float]] | BaseException] = []
+        rows: list[tuple[int, list[int], int]] = []  # (index, prompt ids, max_new)
+        for i, call in enumerate(calls):
+            if not self.batchable(call):
+                raise InputError("calls", "generate_scored_batch takes greedy, unconstrained, "
+                                          "unstreamed calls only (see batchable)")
+            ids = self.tokenizer(self.render(call), add_special_tokens=False)["input_ids"]
+            max_new = call.params.max_tokens or self.default_max_tokens
+            if len(ids) + max_new > self.context_window:
+                results.append(ContextOverflow(len(ids), max_new, self.context_window))
+                continue
+            results.append(BackendError("not generated"))  # replaced below
+            rows.append((i, ids, max_new))
+        if not rows:
+            return results
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        input_ids, mask = left_padded([ids for _, ids, _ in rows], pad)
+        width = input_ids.shape[1]
+        scorer = _ChosenProbs()
+        with self._lock, torch.inference_mode():
+            try:
+                out = self.model.generate(
+                    input_ids=input_ids.to(self.model.device),
+                    attention_mask=mask.to(self.model.device),
+                    max_new_tokens=max(m for _, _, m in rows), pad_token_id=pad,
+                    eos_token_id=tok.eos_token_id, do_sample=False, temperature=None,
+                    top_p=None, top_k=None, logits_processor=[scorer],
+                )
+            except Cancelled:
+                raise
+            except Exception as e:
+                raise BackendError(f"generation failed: {type(e).__name__}: {e}") from e
+            new = out[:, width:]
+            probs = scorer.finish(new[:, -1])  # [rows, steps]
+        for r, (i, ids, max_new) in enumerate(rows):
+            chosen = new[r, :max_new].tolist()
+            if tok.eos_token_id in chosen:
+                chosen = chosen[: chosen.index(tok.eos_token_id) + 1]
+            reply = self._reply(calls[i], chosen, len(ids), t0, None, None,
+                                prefix_cached_tokens=0, prefix_stored_tokens=0,
+                                batch_size=len(rows))
+            results[i] = (reply, probs[r, : len(chosen)].tolist())
+        return results
+
     def speculative_skip(self, call: Call) -> str | None:
         """Why speculative decoding (prompt lookup or a draft) can't serve `call`
         (plain decoding then), or None when it can."""
@@ -520,6 +585,50 @@ class LocalBackend(Backend):
             invalid_tool_calls=invalid,
             latency_s=time.perf_counter() - t0,
         )
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) of prompts left-padded to the longest, as
+    `generate` takes a batch."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                        dtype=torch.long)
+    return ids, mask
+
+
+class _ChosenProbs:
+    """A logits processor that leaves the scores alone and keeps, per row, the
+    probability of each token the step picked: softmax of the step's scores
+    (the raw logits when no other processor runs: greedy, no grammar), read
+    at the next step, when the pick has joined `input_ids`. One step's
+    distribution is held at a time, not every step's logits."""
+
+    def __init__(self) -> None:
+        self._last: Any = None
+        self._probs: list[Any] = []
+
+    def _take(self, picked: Any) -> None:
+        self._probs.append(self._last.gather(1, picked[:, None].to(self._last.device))[:, 0])
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self._last is not None:
+            self._take(input_ids[:, -1])
+        self._last = torch.softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_picked: Any) -> Any:
+        """[rows, steps] probabilities, given the last step's picks."""
+        import torch
+
+        if self._last is not None:
+            self._take(last_picked)
+            self._last = None
+        return torch.stack(self._probs, dim=1).cpu()
 
 
 def _forced_call(text: str, tools: list[Tool]) -> tuple[list[ToolCall], list[InvalidToolCall]]:

@@ -19,11 +19,17 @@ pipeline's stages would only add noise).
   reply to the same prompt (exact match); `*_answer_agreement`: the same over all
   replies (escalated ones are the large model's own); `*_time_ratio`: cascade
   wall time / baseline wall time (below 1: the cascade is cheaper);
-- a warm-up call on each model first; one pass per setting.
+- a warm-up call on each model first; one pass per setting;
+- concurrent (`concurrent_*`): all prompts as one group at the default
+  threshold, `cascade.generate(group)` (the small model's batch, then the
+  escalated calls' batch on the large one) against the same cascade called
+  once per prompt, in the same process; plus the large model alone on the
+  group as one padded batch (`concurrent_group_vs_large_batch`: below 1, the
+  cascade is cheaper than batching the large model).
 
 The flat keys `cascade_acceptance_rate`, `cascade_escalation_rate`,
 `cascade_agreement` and `cascade_time_ratio` are the default threshold's.
-Writes benchmarks/results/cascade.json. Takes about 4 minutes on 2 CPU cores.
+Writes benchmarks/results/cascade.json. Takes about 5 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -73,6 +79,40 @@ def _run(backend: Any) -> tuple[list[Reply], float]:
     t0 = time.perf_counter()
     replies = [backend.generate([chat(p, MAX_TOKENS)])[0] for p in PROMPTS]
     return replies, time.perf_counter() - t0
+
+
+def _concurrent(small: Any, large: Any) -> dict[str, Any]:
+    """The prompts arriving together (one group, as the BatchingEngine hands it),
+    default threshold: the cascade's batched group against the same cascade
+    called once per prompt, and the large model alone as one padded batch."""
+    def cascade() -> CascadeBackend:
+        return CascadeBackend(small, large, threshold=DEFAULT_THRESHOLD, confidence="mean_prob")
+
+    t0 = time.perf_counter()
+    alone = [cascade().generate([chat(p, MAX_TOKENS)])[0] for p in PROMPTS]
+    alone_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    group = cascade().generate([chat(p, MAX_TOKENS) for p in PROMPTS])
+    group_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    large.generate_scored_batch([chat(p, MAX_TOKENS) for p in PROMPTS])
+    large_s = time.perf_counter() - t0
+
+    def decision(r: Reply) -> str:
+        return str(r.trace.of("cascade")[-1]["decision"])
+
+    return {
+        "concurrent_one_by_one_seconds": round(alone_s, 2),
+        "concurrent_group_seconds": round(group_s, 2),
+        "concurrent_group_speedup": round(alone_s / group_s, 2),
+        "concurrent_large_batch_seconds": round(large_s, 2),
+        "concurrent_group_vs_large_batch": round(group_s / large_s, 3),
+        "concurrent_identical_replies": sum(a.text == g.text for a, g in zip(alone, group,
+                                                                              strict=True)),
+        "concurrent_same_decisions": sum(decision(a) == decision(g) for a, g in zip(
+            alone, group, strict=True)),
+        "concurrent_escalated": sum(decision(g) == "escalated" for g in group),
+    }
 
 
 def _key(t: float) -> str:
@@ -125,6 +165,7 @@ def main() -> dict[str, Any]:
     d = _key(DEFAULT_THRESHOLD)
     for k in ("acceptance_rate", "escalation_rate", "agreement", "time_ratio"):
         metrics[f"cascade_{k}"] = metrics[f"{d}_{k}"]
+    metrics.update(_concurrent(small, large))
     path = write_results("cascade", metrics)
 
     table = Table(title=f"Confidence cascade: int8 -> unquantized {large.model_name}, "
@@ -145,6 +186,14 @@ def main() -> dict[str, Any]:
     console.print(f"small-model confidence over the prompts: min "
                   f"{metrics['small_confidence_min']}, median "
                   f"{metrics['small_confidence_median']}, max {metrics['small_confidence_max']}")
+    console.print(
+        f"all {len(PROMPTS)} prompts at once (default threshold): the group "
+        f"{metrics['concurrent_group_seconds']} s against one by one "
+        f"{metrics['concurrent_one_by_one_seconds']} s "
+        f"({metrics['concurrent_group_speedup']}x; identical replies "
+        f"{metrics['concurrent_identical_replies']}/{len(PROMPTS)}, same decisions "
+        f"{metrics['concurrent_same_decisions']}/{len(PROMPTS)}); the large model alone as "
+        f"one batch {metrics['concurrent_large_batch_seconds']} s")
     console.print(f"wrote {path}")
     return metrics
 

@@ -262,6 +262,7 @@ def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any]
     the static engine (one request; all of them concurrently; `engine_kw` go to its
     BatchingEngine) into `out`; returns the requests' prompt ids."""
     import torch
+    from contextwise.backends.local import left_padded
 
     from benchmarks import backend as bb
 
@@ -308,11 +309,9 @@ def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any]
         # the baseline for n: one left-padded generate of all n prompts
         enc = [tok(plain.render(bb.chat(q)), add_special_tokens=False)["input_ids"]
                for q in questions]
-        width = max(map(len, enc))
         pad = tok.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=model.device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc],
-                            device=model.device)
+        ids, mask = (t.to(model.device) for t in left_padded(enc, pad))
+        width = ids.shape[1]
         with torch.inference_mode():
             model.generate(input_ids=ids[:8], attention_mask=mask[:8], max_new_tokens=4,
                            do_sample=False, pad_token_id=pad)

@@ -142,6 +142,71 @@ def test_a_group_is_decided_call_by_call() -> None:
     assert cascade.stats()["acceptance_rate"] == 0.75
 
 
+class Batched(FakeBackend):
+    """A fake with `generate_scored_batch`: echoes, token probs by prompt ("sure..."
+    0.95, else 0.2), a ContextOverflow for prompts starting "long"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scored_batches: list[list[str]] = []
+
+        self.scored_alone: list[str] = []
+
+    def _scored(self, c: Call) -> Any:
+        text = c.messages[-1].content
+        if text.startswith("long"):
+            return ContextOverflow(5000, 8, 4096)
+        return self.generate([c])[0], [0.95 if text.startswith("sure") else 0.2]
+
+    def generate_scored(self, c: Call) -> tuple[Reply, list[float]]:
+        self.scored_alone.append(c.messages[-1].content)
+        result = self._scored(c)
+        if isinstance(result, BaseException):
+            raise result
+        return result  # type: ignore[no-any-return]
+
+    def generate_scored_batch(self, calls: list[Call]) -> list[Any]:
+        self.scored_batches.append([c.messages[-1].content for c in calls])
+        return [self._scored(c) for c in calls]
+
+
+def test_a_group_runs_as_one_small_batch_and_one_large_batch() -> None:
+    small, large = Batched(), Batched()
+    cascade = CascadeBackend(small, large, threshold=0.5)
+    streamed: list[str] = []
+    group = [call("sure a"), call("unsure b"), call("sure c"), call("unsure d"),
+             call("long e"), call("sampled f", temperature=0.7),
+             call("forced g", response_format={"type": "json_object"}),
+             call("unsure streamed h")]
+    group[-1].on_delta = streamed.append
+    replies = cascade.generate(group)
+    assert [r.text for r in replies] == [c.messages[-1].content for c in group]  # in order
+    # the greedy unconstrained ones went to the small model together, quietly
+    assert small.scored_batches == [["sure a", "unsure b", "sure c", "unsure d", "long e",
+                                     "unsure streamed h"]]
+    assert all(c.on_delta is None for c in small.calls)
+    # the unsure unstreamed ones escalated in one batch; the streamed one streams alone
+    assert large.scored_batches == [["unsure b", "unsure d"]]
+    assert "".join(streamed) == "unsure streamed h"
+    decisions = [r.trace.of("cascade")[-1]["decision"] for r in replies]
+    assert decisions == ["accepted", "escalated", "accepted", "escalated", "direct",
+                         "escalated", "direct", "escalated"]
+    assert replies[4].trace.of("cascade")[-1]["reason"] == "small_overflow"
+    assert small.scored_alone == ["sampled f"]  # sampled: alone on the small model
+    assert large.calls[-1].messages[-1].content == "unsure streamed h"
+
+
+def test_a_lone_call_or_a_small_backend_without_batches_runs_alone() -> None:
+    small, large = Batched(), Batched()
+    cascade = CascadeBackend(small, large, threshold=0.5)
+    assert cascade.generate([call("unsure a")])[0].text == "unsure a"
+    assert small.scored_batches == [] and large.scored_batches == []
+    assert small.scored_alone == ["unsure a"]
+    plain = CascadeBackend(ScoredFake([0.1], reply_text="s"), large, threshold=0.5)
+    assert [r.text for r in plain.generate([call("x"), call("y")])] == ["x", "y"]
+    assert large.scored_batches == [["x", "y"]]  # the escalations still batch on the large
+
+
 def test_streaming_replays_an_accepted_reply_and_streams_an_escalated_one() -> None:
     small = ScoredFake([0.9], reply_text="small reply text")
     large = FakeBackend(reply_text="large reply text")
@@ -290,6 +355,35 @@ def test_an_unreachable_threshold_escalates_every_call(small: Any, large: Any) -
     stats = cascade.stats()
     assert stats["escalated"] == 3 and stats["escalation_rate"] == 1.0
     assert stats["small_tokens_wasted"] > 0
+
+
+@pytest.mark.model
+def test_a_group_on_real_models_decides_as_the_calls_one_by_one(small: Any, large: Any) -> None:
+    cascade = CascadeBackend(small, large, threshold=0.6)
+    group = PROMPTS + ["Write a haiku about rain.", "What is 12 times 12?"]
+    batched = cascade.generate([call(p, max_tokens=16) for p in group])
+    alone = [cascade.generate([call(p, max_tokens=16)])[0] for p in group]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    decided = [(cascade_record(r)["decision"], cascade_record(r)["confidence"]) for r in batched]
+    expected = [(cascade_record(r)["decision"], cascade_record(r)["confidence"]) for r in alone]
+    assert [d for d, _ in decided] == [d for d, _ in expected]
+    assert {d for d, _ in decided} == {"accepted", "escalated"}  # both paths ran
+    assert [c for _, c in decided] == pytest.approx([c for _, c in expected], abs=1e-4)
+    assert batched[0].trace.of("backend")[0]["batch_size"] == len(group)
+
+
+@pytest.mark.model
+def test_scored_batches_on_the_local_backend(large: Any) -> None:
+    prompts = ["Name three colors.", "What is the capital of France?"]
+    results = large.generate_scored_batch([call(p, max_tokens=12) for p in prompts]
+                                          + [call("word " * 9000)])
+    for p, (reply, probs) in zip(prompts, results[:2], strict=True):
+        alone, alone_probs = large.generate_scored(call(p, max_tokens=12))
+        assert reply.text == alone.text and reply.usage == alone.usage
+        assert probs == pytest.approx(alone_probs, abs=1e-4)
+    assert isinstance(results[2], ContextOverflow)  # that call only
+    with pytest.raises(InputError, match="greedy, unconstrained"):
+        large.generate_scored_batch([call("hi", temperature=0.5)])
 
 
 @pytest.mark.model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -82,3 +83,24 @@ def test_models_prune_command(tmp_path, monkeypatch, capsys):
     assert not stale.exists()
     assert main(["models", "prune", "--keep", str(tmp_path / "missing.gguf")]) == 2
     assert "no such GGUF file" in capsys.readouterr().err
+
+
+def test_a_warm_load_takes_the_digest_from_the_memo(tmp_path):
+    from contextwise.backends.loading import _content_digest
+
+    f = _gguf(tmp_path / "m.gguf", b"first")
+    st = f.stat()
+    first = converted_dir(str(f), str(tmp_path))
+    memo = tmp_path / "converted" / "digests.json"
+    assert first.name.endswith(json.loads(memo.read_text())[f"{f}:{st.st_size}:{st.st_mtime_ns}"])
+    # same size and mtime, other bytes: a new process trusts the memo (no re-hash)
+    f.write_bytes(b"GGUFsecon")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _content_digest.cache_clear()
+    assert converted_dir(str(f), str(tmp_path)) == first
+    # a memo that can't be read is rebuilt
+    memo.write_text("{not json")
+    _content_digest.cache_clear()
+    assert converted_dir(str(f), str(tmp_path)) != first
+    assert len(json.loads(memo.read_text())) == 1
+    assert [p.name for p in memo.parent.iterdir() if p.suffix == ".tmp"] == []
