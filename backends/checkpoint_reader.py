@@ -34,17 +34,29 @@ class _Entry:
 
 
 class CheckpointReader:
-    """The float tensors of every `*.safetensors` file in a model folder, by name."""
+    """The float tensors of a model folder's weights, by name: the files its
+    `model.safetensors.index.json` maps, else `model.safetensors` (the files
+    transformers loads), else none (every lookup then misses)."""
 
     def __init__(self, folder: str | Path):
         self.entries: dict[str, _Entry] = {}
-        for path in sorted(Path(folder).glob("*.safetensors")):
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        wanted: dict[str, set[str]] | None = None  # file -> the names it serves
+        if index.is_file():
+            wanted = {}
+            for name, file in json.loads(index.read_text())["weight_map"].items():
+                wanted.setdefault(file, set()).add(name)
+        elif (folder / "model.safetensors").is_file():
+            wanted = {"model.safetensors": set()}  # set(): every name in it
+        for file, names in (wanted or {}).items():
+            path = folder / file
             with open(path, "rb") as f:
                 (size,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(size))
             for name, info in header.items():
                 dtype = _DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-                if name == "__metadata__" or dtype is None:
+                if name == "__metadata__" or dtype is None or (names and name not in names):
                     continue
                 self.entries[name] = _Entry(path, dtype, tuple(info["shape"]),
                                             8 + size + info["data_offsets"][0])

@@ -182,10 +182,13 @@ def quantize(model: Any, mode: str, device: str, weights: Any = None) -> Any:
 
     def rows_of(param: Any) -> Any:
         """(start, end) -> those rows of `param` as floats of its dtype, from the
-        checkpoint file when it holds them (see `weights` above)."""
+        checkpoint file when it holds them (see `weights` above) and its first
+        row equals the loaded one (else transformers changed it while loading)."""
         name = names.get(id(param))
-        if weights is not None and name and param.device.type == "cpu" and weights.has(
-                name, param):
+        if (weights is not None and name and param.device.type == "cpu"
+                and weights.has(name, param) and param.shape[0]
+                and torch.equal(weights.read(name, (0, 1)).to(param.dtype)[0],
+                                param.detach()[0])):
             return lambda i, j: weights.read(name, (i, j)).to(param.dtype)
         return lambda i, j: param.detach()[i:j]
 

@@ -279,8 +279,10 @@ def test_a_checkpoint_that_does_not_match_is_read_from_the_model(tmp_path) -> No
     from contextwise.backends.checkpoint_reader import CheckpointReader
     from safetensors.torch import save_file
 
-    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)},
-              tmp_path / "model.safetensors")  # wrong shape: not used
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3),  # wrong shape
+               "model.layers.0.mlp.down_proj.weight": torch.zeros(64, 128),  # other values
+               "model.embed_tokens.weight": torch.zeros(256, 64)},
+              tmp_path / "model.safetensors")  # none of them is used
     plain = quantize(tiny_llama(), "int8", "cpu")
     streamed = quantize(tiny_llama(), "int8", "cpu", weights=CheckpointReader(tmp_path))
     with torch.no_grad():
