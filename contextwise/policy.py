@@ -268,7 +268,13 @@ class Local(_Strict):
     kind: Literal["local"] = "local"
     model: str = Field(DEFAULT_MODEL, description="alias, local HF dir, .gguf file or hub id")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="'auto': bfloat16 on CUDA, float32 on CPU (exact: batching, the prefix "
+        "cache and speculative decoding give plain greedy output). 'bfloat16' on a CPU with "
+        "native bf16 (AVX512-BF16, AMX) is 1.5-1.7x faster at the same perplexity, but "
+        "greedy output then depends on the batch (benchmarks/cpu_dtype.py)",
+    )
     quantization: Literal["none", "int8", "int8-dynamic", "int4", "fp8"] = Field(
         "none",
         description="weight quantization (torchao): 'none' keeps the loaded weights; "

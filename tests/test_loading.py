@@ -104,3 +104,20 @@ def test_a_warm_load_takes_the_digest_from_the_memo(tmp_path):
     assert converted_dir(str(f), str(tmp_path)) != first
     assert len(json.loads(memo.read_text())) == 1
     assert [p.name for p in memo.parent.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_auto_dtype_on_cpu_is_float32_and_emulated_bf16_is_flagged(monkeypatch, caplog):
+    import torch
+    from contextwise.backends import loading
+
+    assert loading.pick_device("cpu", "auto") == ("cpu", torch.float32)  # exact by default
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="contextwise.backends.loading"):
+        assert loading.pick_device("cpu", "bfloat16") == ("cpu", torch.bfloat16)
+    assert "emulated, slower than 'float32'" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="contextwise.backends.loading"):
+        loading.pick_device("cpu", "bfloat16")
+    assert caplog.text == ""
+    assert isinstance(loading.cpu_has_native_bf16(), bool)
