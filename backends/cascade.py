@@ -28,10 +28,11 @@ pays off when most calls are accepted and the small model is much cheaper.
   the large backend once loaded, before that with `counter` (a tokenizer-only
   `PromptCounter` in `build_backend`).
 - Batching: `generate(calls)` takes a list (the BatchingEngine hands a
-  non-LocalBackend its groups whole). Its greedy, unconstrained calls run on
-  the small model as one padded batch (`LocalBackend.generate_scored_batch`),
-  and the escalated ones that are not streamed as one batch on the large
-  model; the rest, and backends without that method, run one by one. Padding
+  non-LocalBackend its groups whole). Its greedy, unconstrained calls without
+  stop strings run on the small model as one padded batch
+  (`LocalBackend.generate_scored_batch`), and the escalated ones that are not
+  streamed as one batch on the large model; the rest, and backends without
+  that method, run one by one. Padding
   can change float rounding, so a batched reply may differ from a lone one at
   a near-tie, as in the engine's padded batches.
 """
@@ -225,8 +226,11 @@ class CascadeBackend(Backend):
 
     @staticmethod
     def _batches(call: Call) -> bool:
+        """What `LocalBackend.batchable` takes, streaming aside (the small model
+        never streams)."""
         p = call.params
-        return p.temperature == 0 and not p.response_format and not forced_tools(call)
+        return (p.temperature == 0 and not p.response_format and not forced_tools(call)
+                and not p.stop)
 
     def _large_many(self, calls: list[Call]) -> list[Reply]:
         """The escalated calls on the large model: unstreamed ones in one batch

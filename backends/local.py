@@ -373,10 +373,11 @@ class LocalBackend(Backend):
 
     def batchable(self, call: Call) -> bool:
         """Whether `call` can share one padded batch in `generate_scored_batch`:
-        greedy, unconstrained, not streamed."""
+        greedy, unconstrained, no stop strings (its tokens and probabilities would
+        run past them), not streamed."""
         p = call.params
         return (p.temperature == 0 and not p.response_format and not forced_tools(call)
-                and call.on_delta is None)
+                and not p.stop and call.on_delta is None)
 
     def generate_scored_batch(
         self, calls: Sequence[Call],
@@ -396,7 +397,8 @@ class LocalBackend(Backend):
         for i, call in enumerate(calls):
             if not self.batchable(call):
                 raise InputError("calls", "generate_scored_batch takes greedy, unconstrained, "
-                                          "unstreamed calls only (see batchable)")
+                                          "unstreamed calls without stop strings only "
+                                          "(see batchable)")
             ids = self.tokenizer(self.render(call), add_special_tokens=False)["input_ids"]
             max_new = call.params.max_tokens or self.default_max_tokens
             if len(ids) + max_new > self.context_window:

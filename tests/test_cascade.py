@@ -177,8 +177,8 @@ def test_a_group_runs_as_one_small_batch_and_one_large_batch() -> None:
     group = [call("sure a"), call("unsure b"), call("sure c"), call("unsure d"),
              call("long e"), call("sampled f", temperature=0.7),
              call("forced g", response_format={"type": "json_object"}),
-             call("unsure streamed h")]
-    group[-1].on_delta = streamed.append
+             call("unsure streamed h"), call("sure with a stop", stop=["\n\n"])]
+    group[7].on_delta = streamed.append
     replies = cascade.generate(group)
     assert [r.text for r in replies] == [c.messages[-1].content for c in group]  # in order
     # the greedy unconstrained ones went to the small model together, quietly
@@ -190,9 +190,10 @@ def test_a_group_runs_as_one_small_batch_and_one_large_batch() -> None:
     assert "".join(streamed) == "unsure streamed h"
     decisions = [r.trace.of("cascade")[-1]["decision"] for r in replies]
     assert decisions == ["accepted", "escalated", "accepted", "escalated", "direct",
-                         "escalated", "direct", "escalated"]
+                         "escalated", "direct", "escalated", "accepted"]
     assert replies[4].trace.of("cascade")[-1]["reason"] == "small_overflow"
-    assert small.scored_alone == ["sampled f"]  # sampled: alone on the small model
+    # sampled, and with stop strings: alone on the small model
+    assert small.scored_alone == ["sampled f", "sure with a stop"]
     assert large.calls[-1].messages[-1].content == "unsure streamed h"
 
 
@@ -382,8 +383,10 @@ def test_scored_batches_on_the_local_backend(large: Any) -> None:
         assert reply.text == alone.text and reply.usage == alone.usage
         assert probs == pytest.approx(alone_probs, abs=1e-4)
     assert isinstance(results[2], ContextOverflow)  # that call only
-    with pytest.raises(InputError, match="greedy, unconstrained"):
-        large.generate_scored_batch([call("hi", temperature=0.5)])
+    for bad in (call("hi", temperature=0.5), call("hi", stop=["."])):
+        assert not large.batchable(bad)
+        with pytest.raises(InputError, match="greedy, unconstrained"):
+            large.generate_scored_batch([bad])
 
 
 @pytest.mark.model
