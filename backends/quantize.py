@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -48,7 +49,7 @@ from contextwise.errors import BackendError
 
 __all__ = [
     "INT4_GROUP_SIZE", "MODES", "Int8Embedding", "Int8Head", "Int8Rows", "check_mode",
-    "import_torchao_quietly", "quantize", "weight_bytes",
+    "import_torchao_quietly", "quantize", "return_freed_memory", "weight_bytes",
 ]
 
 MODES = ("none", "int8", "int8-dynamic", "int4", "fp8")
@@ -208,7 +209,7 @@ def quantize(model: Any, mode: str, device: str, weights: Any = None) -> Any:
                 tq.quantize_(parent, config, filter_fn=lambda m, _fqn, layer=layer: m is layer)
                 if cast:
                     _compute_in(layer, torch.bfloat16, dtype)
-                _return_freed_memory()
+                return_freed_memory()
             if mode != "fp8":
                 _int8_embeddings(model, inp, out, tied, rows_of)
     except BackendError:
@@ -218,7 +219,7 @@ def quantize(model: Any, mode: str, device: str, weights: Any = None) -> Any:
             f"quantization {mode!r} failed on {device!r}: {type(e).__name__}: {e}"
         ) from e
     _own_plain_tensors(model)
-    _return_freed_memory()
+    return_freed_memory()
     done = [n for n in targets if _is_quantized(modules[n].weight)]
     if targets and not done:
         raise BackendError(
@@ -339,21 +340,22 @@ def _own_plain_tensors(model: Any) -> None:
                     setattr(module, name, b.clone())
 
 
-def _return_freed_memory() -> None:
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None off glibc."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
     """Hand freed heap back to the OS (glibc). torchao's per-layer temporaries
     otherwise stay in the heap, fragmented under the int8 weights allocated
     after them: ~260 MB of the int8 load's peak for SmolLM2 (~1 ms a call)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _compute_in(layer: Any, compute: Any, out: Any) -> None:

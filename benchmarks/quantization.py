@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -50,22 +49,28 @@ PROMPT = "Write a long story about a lighthouse keeper."
 TARGETS = {"int8": 0.02, "int4": 0.08}
 
 
+def _status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS, VmHWM) in MB; NaN if absent."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def _rss_mb() -> float:
     """Resident memory now, after returning freed heap to the OS (glibc), so that
     allocator caching does not blur the comparison between modes."""
-    import ctypes
     import gc
 
+    from contextwise.backends.quantize import return_freed_memory
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return_freed_memory()
+    return _status_mb("VmRSS")
 
 
 def _reset_peak() -> None:
@@ -80,14 +85,7 @@ def _reset_peak() -> None:
 
 def _peak_mb() -> float:
     """Peak resident memory since `_reset_peak`."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return _status_mb("VmHWM")
 
 
 def perplexity(model: Any, ids: Any, window: int = WINDOW, stride: int = STRIDE) -> float:
