@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from contextwise.backends.static_decode import MAX_VERIFY, StaticDecoder
+from contextwise.backends.static_decode import MAX_VERIFY, Pending, ResumeFailed, StaticDecoder
 
 if TYPE_CHECKING:
     from contextwise.backends.engine import _Request
@@ -86,6 +86,17 @@ class Row:
             part = part[:part.index(eos) + 1]
         self.new.extend(part)
         return len(part), len(self.new) >= self.max_new or (bool(part) and part[-1] == eos)
+
+
+@dataclass(eq=False)
+class _Flight:
+    """A greedy chunk launched on the GPU whose tokens its rows have not taken yet."""
+
+    rows: list[tuple[int, _Active]]  # (slot, row) of the rows it decodes
+    n: int  # slots 0..n-1
+    pos: list[int]  # each slot's position at launch
+    steps: int
+    pending: Pending
 
 
 @dataclass(eq=False, kw_only=True)
@@ -162,7 +173,7 @@ class ContinuousRunner:
                  complete: Callable[[_Active, int], None],
                  poll: Callable[[int], list[Any]],
                  decode_text: Callable[[list[int]], str],
-                 speculate: int = 0, speculate_rows: int = 4):
+                 speculate: int = 0, speculate_rows: int = 4, run_ahead: bool = True):
         self.decoder = decoder
         self.eos = eos
         self.steps = max(1, int(steps))
@@ -174,7 +185,8 @@ class ContinuousRunner:
         self.active: dict[int, _Active] = {}
         self.speculate = max(0, min(int(speculate), MAX_VERIFY - 1))
         self.speculate_rows = int(speculate_rows)
-        self.stats: dict[str, Any] = {"chunks": 0, "tokens": 0, "admitted": 0,
+        self.run_ahead = bool(run_ahead)  # launch the next greedy chunk before taking one's
+        self.stats: dict[str, Any] = {"chunks": 0, "resumed": 0, "tokens": 0, "admitted": 0,
                                       "largest_active": 0, "prefill_s": 0.0, "decode_s": 0.0}
         if self.speculate:
             self.stats.update(verify_passes=0, drafted=0, accepted=0)
@@ -185,13 +197,29 @@ class ContinuousRunner:
     def run(self, reqs: list[Any]) -> None:
         """Serve `reqs` and whatever batchable arrives while they run, until no slot is busy.
         If a pass fails (out of memory, a CUDA error), every request in flight or waiting
-        here gets that error and the slots are freed: the next batch starts clean."""
+        here gets that error and the slots are freed: the next batch starts clean.
+
+        Greedy chunks run one ahead: while the GPU decodes chunk k + 1 (resumed from
+        chunk k's last tokens, on the device) the host hands out chunk k's tokens,
+        finishes rows and builds their replies. A row that ended in chunk k decodes
+        chunk k + 1 for nothing (its tokens are dropped; its slot is taken again only
+        after that chunk). The pipeline drains when requests wait for a free slot, or
+        when a chunk must sample or verify drafts, or when every row ends in this chunk
+        (by its max_tokens). `run_ahead=False` waits for each chunk's tokens instead."""
         pending: deque[Any] = deque(reqs)
+        flight: _Flight | None = None
         try:
-            while pending or self.active:
-                self._admit(pending)
-                if self.active:
-                    self._chunk()
+            while pending or self.active or flight is not None:
+                if flight is None:
+                    self._admit(pending)
+                    if self.active:
+                        flight = self._chunk()
+                else:
+                    ahead = None
+                    if self.run_ahead and not (pending and self.free) and self._more(flight):
+                        ahead = self._resume(flight)
+                    self._land(flight)
+                    flight = ahead
                 if self.free:
                     pending.extend(self.poll(len(self.free) - len(pending)))
         except Exception as e:  # noqa: BLE001  (each caller gets it; the engine goes on)
@@ -245,34 +273,62 @@ class ContinuousRunner:
 
     # -- decoding
 
-    def _chunk(self) -> None:
+    def _chunk(self) -> _Flight | None:
+        """Decode the active rows: a greedy chunk is launched and returned (its rows take
+        its tokens in `_land`); a sampled or verify chunk runs to the end here (None)."""
         greedy = all(r.temperature <= 0 for r in self.active.values())
         if greedy and self.speculate and len(self.active) <= self.speculate_rows:
             drafts = self._drafts()
             if any(drafts.values()):
                 self._verify_chunk(drafts)
-                return
+                return None
         n = max(self.active) + 1
         tokens = [0] * n
         pos = [0] * n
         ban = [0] * n
         for slot, r in self.active.items():
             tokens[slot], pos[slot], ban[slot] = r.new[-1], r.pos, r.eos_banned
-        steps = self.steps if greedy else 1
+        if greedy:
+            launched = self.decoder.launch(n, tokens, pos, steps=self.steps,
+                                           ban_eos=ban if any(ban) else None)
+            return _Flight(list(self.active.items()), n, pos, self.steps, launched)
         t0 = time.perf_counter()
-        out, logits = self.decoder.decode(n, tokens, pos, steps=steps,
-                                          ban_eos=ban if any(ban) else None)
+        _, logits = self.decoder.decode(n, tokens, pos, steps=1,
+                                        ban_eos=ban if any(ban) else None)
         self.stats["decode_s"] += time.perf_counter() - t0  # the host waits for the tokens
         self.stats["chunks"] += 1
         rows = list(self.active.values())
-        if greedy:
-            chosen = out.tolist()
-            for r in rows:
-                self._advance(r, chosen[r.slot])
-        else:
-            picks = self._choose(rows, logits[[r.slot for r in rows]])
-            for r, token in zip(rows, picks, strict=True):
-                self._advance(r, [token])
+        picks = self._choose(rows, logits[[r.slot for r in rows]])
+        for r, token in zip(rows, picks, strict=True):
+            self._advance(r, [token])
+        return None
+
+    @staticmethod
+    def _more(flight: _Flight) -> bool:
+        """Whether a row of `flight` may decode past it (one reaching its max_tokens in it
+        surely ends there)."""
+        return any(not r.done and len(r.new) + flight.steps < r.max_new for _, r in flight.rows)
+
+    def _resume(self, flight: _Flight) -> _Flight | None:
+        """The chunk after `flight` over the same slots, launched before its tokens are
+        taken; None when the decoder can't resume (the next chunk starts from the host)."""
+        pos = [p + flight.steps for p in flight.pos]
+        try:
+            launched = self.decoder.launch(flight.n, None, pos, steps=flight.steps)
+        except ResumeFailed:
+            return None
+        self.stats["resumed"] += 1
+        return _Flight(flight.rows, flight.n, pos, flight.steps, launched)
+
+    def _land(self, flight: _Flight) -> None:
+        """The rows of `flight` still decoding take its tokens."""
+        t0 = time.perf_counter()
+        chosen = flight.pending.tokens()
+        self.stats["decode_s"] += time.perf_counter() - t0  # the host waits for the tokens
+        self.stats["chunks"] += 1
+        for slot, r in flight.rows:
+            if not r.done and self.active.get(slot) is r:
+                self._advance(r, chosen[slot])
 
     def _drafts(self) -> dict[int, list[int]]:
         """Each active row's draft; every verified position must fit in its slot."""

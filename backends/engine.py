@@ -42,11 +42,12 @@ can't take run on the single path between chunks. With the backend's
 `speculative="prompt_lookup"`, prompt lookup runs in the slots too: while at most
 4 requests decode, greedy rows draft from their own context and one verify pass
 checks all drafts (`speculative="draft"` applies on the single path only).
-`decode_kernels="triton"` computes each decode layer with five fused Triton
-kernels (backends/triton_decode.py) instead of PyTorch ops. Built on the first
-batch; `stats()["static_decode"]` says "on" or why not, `stats()["static"]` its
-counters (and `kernels_note` when the Triton kernels were asked for but could
-not run).
+`decode_kernels="auto"` (the default: "triton" on CUDA, "torch" elsewhere or
+with `compile_decode`) computes each decode layer, and prefills prompts of up to
+1,024 tokens, with five fused Triton kernels (backends/triton_decode.py) instead
+of PyTorch ops. Built on the first batch; `stats()["static_decode"]` says "on"
+or why not, `stats()["static"]` its counters (and `kernels_note` when the Triton
+kernels were asked for but could not run).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class BatchingEngine(Backend):
                  max_queue: int = 256, idle_exit_s: float = 30.0, static_decode: str = "auto",
                  decode_steps: int = 8, cuda_graphs: bool = True,
                  kv_cache_mb: float | None = None, compile_decode: bool = False,
-                 decode_kernels: str = "torch"):
+                 decode_kernels: str = "auto"):
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
                                  ("max_wait_ms", max_wait_ms, 0), ("idle_exit_s", idle_exit_s, 0),
                                  ("decode_steps", decode_steps, 1)):

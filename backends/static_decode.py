@@ -3,6 +3,9 @@
     dec = StaticDecoder.build(model, slots=256, max_len=2048)   # None: unsupported model
     logits = dec.prefill([0, 1], [ids_a, ids_b])     # [2, vocab]: each prompt's last token
     tokens, _ = dec.decode(2, [a, b], [len(ids_a), len(ids_b)], steps=8)  # [2, 8] greedy
+    run = dec.launch(2, [a, b], [len(ids_a), len(ids_b)], steps=8)  # queued, not waited for
+    nxt = dec.launch(2, None, [len(ids_a) + 8, len(ids_b) + 8], steps=8)  # goes on from it
+    first8, next8 = run.tokens(), nxt.tokens()
 
 Why: transformers' `generate` spends its time launching ~1,000 small kernels per
 token from Python (one H100 gave 13-17 tok/s on a 135M model whose weights it
@@ -16,8 +19,11 @@ The model's own weights and rotary tables do the work. With plain float
 linears, q/k/v and gate/up are fused into one matmul each (the modules' weights
 become views of the fused tensors) and a decode layer is one pure function of
 tensors (`compile=True` runs it through torch.compile: one compile for every
-layer and shape; `kernels="triton"` runs it as five fused Triton kernels,
-backends/triton_decode.py); quantized linears keep the module path, so they
+layer and shape; `kernels="triton"`, or "auto" on CUDA, runs it as five fused
+Triton kernels, backends/triton_decode.py, which also prefill prompts of up to
+TRITON_PREFILL_MAX tokens, and lays the cache out position-major, each
+position's slots together, so a step's reads and writes share few memory pages);
+quantized linears keep the module path, so they
 behave as in transformers. Only the attention over the static cache and the
 cache writes are written here. Each slot has its own position, so sequences of
 different lengths decode together and a finished slot takes a new sequence
@@ -41,13 +47,18 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["KERNELS", "StaticDecoder", "cache_dtype", "kv_bytes_per_slot", "supported"]
+__all__ = ["KERNELS", "KV_LAYOUTS", "Pending", "ResumeFailed", "StaticDecoder", "cache_dtype",
+           "kv_bytes_per_slot", "supported"]
 
-KERNELS = ("torch", "triton")  # what computes a decode layer
+KERNELS = ("auto", "torch", "triton")  # what computes a decode layer (auto: triton on CUDA)
+KV_LAYOUTS = ("slot", "position")  # how the cache is laid out in memory (_cache_tensor)
 _ARCHITECTURES = {"llama", "mistral", "qwen2"}
 _ROPE_TYPES = {"default", "linear", "llama3", "yarn", "longrope"}  # position-only tables
 _MIN_L = 128  # the smallest attention window a graph is captured for
 MAX_VERIFY = 16  # tokens per slot in one verify pass at most (the last one + a draft)
+# Longest prompt the Triton kernels prefill: each token's attention is one program's
+# loop over its earlier positions (quadratic; SDPA's flash kernels take longer prompts).
+TRITON_PREFILL_MAX = 1024
 
 
 def supported(model: Any) -> str | None:
@@ -84,6 +95,23 @@ def kv_bytes_per_slot(model: Any, max_len: int, dtype: Any) -> int:
     return 2 * cfg.num_hidden_layers * kv_heads * max_len * head_dim * elt
 
 
+class ResumeFailed(RuntimeError):
+    """A resumed launch did not run (the Triton kernels failed and are off now): launch
+    again with the tokens and positions from the host."""
+
+
+class Pending:
+    """The greedy tokens [n, steps] of a launched decode, on their way to the host."""
+
+    def __init__(self, host: Any, done: Any):
+        self.host, self.done = host, done
+
+    def tokens(self) -> list[list[int]]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
+
+
 class StaticDecoder:
     """Preallocated KV cache for `slots` sequences of up to `max_len` tokens, and the
     prefill / decode passes over it. Not thread-safe: one caller (the engine's
@@ -91,7 +119,7 @@ class StaticDecoder:
 
     def __init__(self, model: Any, slots: int, max_len: int, cuda_graphs: bool = True,
                  lock: Any = None, compile: bool = False, eos: int | None = None,
-                 kernels: str = "torch"):
+                 kernels: str = "torch", kv_layout: str | None = None):
         import torch
 
         reason = supported(model)
@@ -112,9 +140,10 @@ class StaticDecoder:
         self.max_len = int(max_len)
         self.device = next(model.parameters()).device
         self.dtype = cache_dtype(model)
-        shape = (self.slots, self.kv_heads, self.max_len, self.head_dim)
-        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        if kv_layout is not None and kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         with torch.inference_mode():
             positions = torch.arange(self.max_len, device=self.device)[None]
             probe = torch.zeros(1, dtype=self.dtype, device=self.device)
@@ -134,6 +163,7 @@ class StaticDecoder:
         # (n, window, steps) -> (the CUDA graph, its output tensors: tokens, logits)
         self._graphs: dict[tuple[int, int, int], tuple[Any, tuple[Any, Any]]] = {}
         self._pool: Any = None
+        self._host: dict[tuple[int, ...], list[Any]] = {}  # pinned buffers for `launch`
         self._lock = lock if lock is not None else threading.Lock()  # the model's, if shared
         # Plain float weights: q/k/v and gate/up become one matmul each (the modules'
         # weights turn into views of the fused tensors: no extra memory), and a decode
@@ -142,12 +172,12 @@ class StaticDecoder:
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
         self._decode_layer = _decode_layer_for(self.heads, self.kv_heads, self.head_dim,
                                                self.eps, self.scale)
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-        # "triton": the five fused kernels of backends/triton_decode.py per layer
+        # "triton": the five fused kernels of backends/triton_decode.py per layer; "auto":
+        # those on CUDA when they can run, else the torch kernels
         self.kernels, self.triton = "torch", None
         self.stats: dict[str, Any] = {}
-        if kernels == "triton":
+        auto = kernels == "auto" and self.device.type == "cuda" and not compile
+        if kernels == "triton" or auto:
             why = self._triton_unusable()
             if why is None:
                 from contextwise.backends.triton_decode import TritonLayers
@@ -157,6 +187,11 @@ class StaticDecoder:
                 self.kernels = "triton"
             else:
                 self.stats["kernels_note"] = f"triton kernels off: {why}"
+        # Position-major suits the Triton kernels (an H100 engine at 256 requests: 91,920
+        # against 66,861 tok/s slot-major); the torch kernels' SDPA reads slot-major.
+        self.kv_layout = kv_layout or ("position" if self.triton is not None else "slot")
+        self.k = [self._cache_tensor() for _ in self.layers]
+        self.v = [self._cache_tensor() for _ in self.layers]
         self.compiled = bool(compile) and self.fused is not None and self.triton is None
         if self.compiled:
             # One compile serves every layer and every (n, window): those two sizes are
@@ -165,6 +200,19 @@ class StaticDecoder:
             self._decode_layer = _symbolic(torch.compile(self._decode_layer))
         self.stats.update({"graphs_captured": 0, "replays": 0, "eager_steps": 0,
                            "prefills": 0})
+
+    def _cache_tensor(self) -> Any:
+        """One layer's keys or values, seen as [slots, kv_heads, max_len, D] whatever the
+        layout in memory. "slot": each slot's positions together. "position": each
+        position's slots together, so a step's reads and writes (every slot's first
+        positions) share a few memory pages, however many slots and positions there are."""
+        import torch
+
+        if self.kv_layout == "slot":
+            shape = (self.slots, self.kv_heads, self.max_len, self.head_dim)
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        shape = (self.max_len, self.slots, self.kv_heads, self.head_dim)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device).permute(1, 2, 0, 3)
 
     def _triton_unusable(self) -> str | None:
         from contextwise.backends.triton_decode import available
@@ -183,29 +231,37 @@ class StaticDecoder:
         return None
 
     def warm_up(self) -> None:
-        """Compile the decode layer now (n = 1, and n > 1), not on the first requests;
-        a no-op unless compiled or on the Triton kernels (on CUDA: they compile on first
-        use). Writes only garbage past position 0 of slots 0 and 1."""
+        """Compile the decode layer now (n = 1, 2 and 32: each tile kind; on the Triton
+        kernels also the prefill's row blocks of 32 and 64), not on the first requests
+        (seconds each); a no-op unless compiled or on the Triton kernels (on CUDA: they
+        compile on first use). Writes only garbage: at position 0 of the first 32 slots,
+        and at positions 0..32 of slot 0."""
         import torch
 
         if not (self.compiled or (self.triton is not None and self.device.type == "cuda")):
             return
         with self._lock, torch.inference_mode():
-            for n in sorted({1, min(2, self.slots)}):
+            for n in sorted({1, min(2, self.slots), min(32, self.slots)}):  # each tile kind
                 self.tokens[:n].zero_()
                 self.pos[:n].zero_()
                 self._run(n, self.window_for(0), 1)
+        if self.triton is not None and self.max_len >= 33:
+            try:
+                for width in (17, 33):  # prompts of 17-32 tokens, and longer ones (or many)
+                    self._prefill_triton([0], [[0] * width], [width])
+            except Exception as e:  # noqa: BLE001  (as in prefill: the torch kernels go on)
+                self._triton_failed(e)
 
     @classmethod
     def build(cls, model: Any, slots: int, max_len: int, cuda_graphs: bool = True,
               lock: Any = None, compile: bool = False, eos: int | None = None,
-              kernels: str = "torch") -> StaticDecoder | None:
+              kernels: str = "torch", kv_layout: str | None = None) -> StaticDecoder | None:
         """A decoder for `model`, or None when its architecture is not supported."""
         if supported(model) is not None:
             return None
         try:
             return cls(model, slots, max_len, cuda_graphs=cuda_graphs, lock=lock,
-                       compile=compile, eos=eos, kernels=kernels)
+                       compile=compile, eos=eos, kernels=kernels, kv_layout=kv_layout)
         except ValueError:
             return None
 
@@ -246,6 +302,14 @@ class StaticDecoder:
         if min(lengths) < 1 or max(lengths) > self.max_len:
             raise ValueError(f"prompt lengths must be 1..{self.max_len}, got {lengths}")
         width = max(lengths)
+        if self.triton is not None and width <= TRITON_PREFILL_MAX:
+            try:
+                logits = self._prefill_triton(slots, prompts, lengths)
+            except Exception as e:  # noqa: BLE001  (an experimental kernel must not fail it)
+                self._triton_failed(e)
+            else:
+                self.stats["prefills"] += 1
+                return logits
         ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts],
                            dtype=torch.long, device=self.device)
         where = torch.tensor(list(slots), dtype=torch.long, device=self.device)
@@ -273,6 +337,28 @@ class StaticDecoder:
         self.stats["prefills"] += 1
         return logits
 
+    def _prefill_triton(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+                        lengths: list[int]) -> Any:
+        """The prefill on the Triton decode kernels: every prompt token is a row, at its
+        position, in its prompt's slot (a row attends over its slot's positions up to its
+        own, written by the same layer's first kernel: causal). No padding, and five
+        launches a layer instead of a few dozen eager ops."""
+        import torch
+
+        assert self.triton is not None and self.fused is not None
+        host = torch.tensor([[t for p in prompts for t in p],
+                             [j for n in lengths for j in range(n)],
+                             [s for s, n in zip(slots, lengths, strict=True) for _ in range(n)]],
+                            dtype=torch.long)
+        with self._lock, torch.inference_mode():
+            ids, pos, where = host.to(self.device, non_blocking=True)
+            x = self.inner.embed_tokens(ids)
+            for i, weights in enumerate(self.fused):
+                x = self.triton.layer(x, weights, self.k[i], self.v[i], pos, self.cos,
+                                      self.sin, max(lengths), where)
+            last = torch.tensor(lengths).cumsum(0).sub_(1).to(self.device)
+            return self._logits(x[last])
+
     def _step(self, n: int, window: int) -> Any:
         """One decode step for slots 0..n-1 from self.tokens/self.pos (device buffers):
         the logits [n, vocab]. Fixed shapes, no host sync: capturable."""
@@ -284,7 +370,7 @@ class StaticDecoder:
             x = self.inner.embed_tokens(self.tokens[:n])
             for i, weights in enumerate(self.fused):
                 x = self.triton.layer(x, weights, self.k[i], self.v[i], pos, self.cos,
-                                      self.sin, window)
+                                      self.sin, window, self.rows[:n])
             return self._logits(x)
         rows = self.rows[:n]
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # [n, 1, D]
@@ -330,9 +416,9 @@ class StaticDecoder:
                 self.ban[:n].sub_(1)
             chosen = logits.argmax(-1)
             out.append(chosen)
-            if s + 1 < steps:
-                self.tokens[:n].copy_(chosen)
-                self.pos[:n].add_(1)
+            # the next step's inputs; after the last step, the next launch's (`resume`)
+            self.tokens[:n].copy_(chosen)
+            self.pos[:n].add_(1)
         return torch.stack(out, 1), logits
 
     def window_for(self, top: int) -> int:
@@ -351,30 +437,65 @@ class StaticDecoder:
         Only the first step's logits matter to a sampled row (then use steps=1)."""
         import torch
 
+        out, logits = self._decode(n, tokens, pos, steps, ban_eos)
+        with torch.inference_mode():
+            return out[:n].cpu(), logits[:n]
+
+    def launch(self, n: int, tokens: Any, pos: Any, steps: int = 1,
+               ban_eos: Any = None) -> Pending:
+        """`decode`'s greedy tokens without waiting for them: the steps are queued on the
+        GPU and `.tokens()` of the result waits. `tokens=None` resumes where the previous
+        launch over the same n slots left off (its last tokens at `pos`, which must be
+        its positions + its steps; EOS bans counted down on the device), so the host
+        never stalls the GPU between chunks."""
+        import torch
+
+        out, _ = self._decode(n, tokens, pos, steps, ban_eos)
+        with torch.inference_mode():
+            if self.device.type != "cuda":
+                return Pending(out[:n].clone(), None)
+            shape = tuple(out.shape)
+            ring = self._host.setdefault(shape, [])
+            if len(ring) < 2:  # two in turn: one read while the next is written
+                ring.append(torch.empty(shape, dtype=out.dtype, pin_memory=True))
+            host = ring.pop(0)
+            ring.append(host)
+            host.copy_(out, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return Pending(host[:n], done)
+
+    def _decode(self, n: int, tokens: Any, pos: Any, steps: int,
+                ban_eos: Any) -> tuple[Any, Any]:
+        """The steps queued: the graph's (or eager steps') outputs for the whole bucket."""
+        import torch
+
         if not 1 <= n <= self.slots:
             raise ValueError(f"n must be 1..{self.slots}, got {n}")
         pos_t = torch.as_tensor(pos, dtype=torch.long)
         top = int(pos_t.max()) + steps - 1
         window = self.window_for(top)
         bucket = _bucket(n, self.slots)
-        if bucket > n:  # pad with dormant rows (position 0: cheap, writes only their own slot)
-            pos_t = torch.cat([pos_t, torch.zeros(bucket - n, dtype=torch.long)])
-            tok_t = torch.cat([torch.as_tensor(tokens, dtype=torch.long),
-                               torch.zeros(bucket - n, dtype=torch.long)])
-        else:
+        inputs = None
+        if tokens is not None:
             tok_t = torch.as_tensor(tokens, dtype=torch.long)
-        ban_t = torch.zeros(bucket, dtype=torch.long)
-        if ban_eos is not None:
-            ban_t[:n] = torch.as_tensor(ban_eos, dtype=torch.long)
+            if bucket > n:  # dormant rows: position 0, cheap, write only their own slot
+                pos_t = torch.cat([pos_t, torch.zeros(bucket - n, dtype=torch.long)])
+                tok_t = torch.cat([tok_t, torch.zeros(bucket - n, dtype=torch.long)])
+            ban_t = torch.zeros(bucket, dtype=torch.long)
+            if ban_eos is not None:
+                ban_t[:n] = torch.as_tensor(ban_eos, dtype=torch.long)
+            inputs = (tok_t, pos_t, ban_t)
         with self._lock, torch.inference_mode():
             try:
-                out, logits = self._steps(bucket, window, steps, (tok_t, pos_t, ban_t))
+                return self._steps(bucket, window, steps, inputs)
             except Exception as e:
                 if self.triton is None:
                     raise
-                self._triton_failed(e)  # an experimental kernel must not fail the call
-                out, logits = self._steps(bucket, window, steps, (tok_t, pos_t, ban_t))
-            return out[:n].cpu(), logits[:n]
+                self._triton_failed(e)  # a kernel failing must not fail the call
+                if inputs is None:  # the device inputs may be spent: launch again from the host
+                    raise ResumeFailed(str(e)) from e
+                return self._steps(bucket, window, steps, inputs)
 
     def verify(self, n: int, tokens: Sequence[Sequence[int]], pos: Sequence[int],
                ban_eos: Sequence[int] | None = None) -> list[list[int]]:
@@ -464,10 +585,14 @@ class StaticDecoder:
             logits[..., self.eos].masked_fill_(banned > 0, float("-inf"))
         return logits.argmax(-1)
 
-    def _steps(self, bucket: int, window: int, steps: int, inputs: tuple) -> tuple[Any, Any]:
-        """Copy (tokens, positions, EOS bans) into the device buffers and run the steps: a
-        graph replay (captured on first use), or eager steps without graphs."""
+    def _steps(self, bucket: int, window: int, steps: int,
+               inputs: tuple | None) -> tuple[Any, Any]:
+        """Copy (tokens, positions, EOS bans) into the device buffers (None: they hold the
+        last run's next inputs already) and run the steps: a graph replay (captured on
+        first use), or eager steps without graphs."""
         def load(blocking: bool) -> None:
+            if inputs is None:
+                return
             for buffer, values in zip((self.tokens, self.pos, self.ban), inputs, strict=True):
                 buffer[:bucket].copy_(values, non_blocking=not blocking)
 

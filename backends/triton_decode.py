@@ -1,7 +1,7 @@
 """Fused Triton kernels for one decode step of a Llama-family layer on the static KV cache.
 
-    layers = TritonLayers.build(heads=9, kv_heads=3, head_dim=64, eps=1e-5)
-    layers.layer(x, fused_weights, k_cache, v_cache, pos, window)   # x [n, hidden], in place
+    layers = TritonLayers(heads=9, kv_heads=3, head_dim=64, eps=1e-5, scale=64 ** -0.5)
+    layers.layer(x, fused_weights, k_cache, v_cache, pos, cos, sin, window, slots)  # x [n, hidden]
 
 Why: in PyTorch a decode layer is ~28 kernels (norms, casts, rotary, cache
 writes, SDPA, matmuls, SiLU, adds) and at batch 1 each takes ~2 us however
@@ -25,6 +25,10 @@ weight times the normalized row rounded to the activation dtype, each linear's
 output rounded to the activation dtype before the next operation, float32
 accumulation everywhere. Weights are the fused q/k/v and gate/up tensors of
 `static_decode._fuse_layers` (views of the model's own weights).
+
+Each row names its cache slot, so rows sharing a slot at positions 0..t-1 are a
+causal prefill of t tokens: `StaticDecoder` prefills short prompts with the same
+kernels (no padding, five launches a layer).
 
 On a machine without CUDA the same kernels run in Triton's interpreter (numpy):
 slow, for tests only. `compile_for_gpu` compiles them for a GPU architecture
@@ -71,6 +75,16 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _mac(a, w_ptr, cols, ks, cmask, kmask, K, acc, UPCAST: tl.constexpr,
+             IEEE: tl.constexpr):
+        """acc + a @ w[cols, ks].T (w [out, K] row-major), in float32 on tensor cores. (A
+        GEMV for one row, products summed in registers, was slower on an H100: 813 against
+        1,239 tok/s at batch 1.)"""
+        w = tl.load(w_ptr + cols[None, :] * K + ks[:, None],
+                    mask=cmask[None, :] & kmask[:, None], other=0.0)
+        return _dot(a, w, acc, UPCAST, IEEE)
+
+    @triton.jit
     def _inv_rms(x_ptr, rows, rmask, eps, HIDDEN: tl.constexpr, BM: tl.constexpr,
                  BK: tl.constexpr):
         """1 / RMS of each of the rows of x [n, HIDDEN], in float32."""
@@ -97,7 +111,8 @@ if triton is not None:
     @triton.jit
     def _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, cols1, cols2, cmask, eps,
                       HIDDEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                      BK: tl.constexpr, UPCAST: tl.constexpr,
+                      IEEE: tl.constexpr):
         """The normed rows times two sets of weight rows (w [out, HIDDEN]): (h @ w[cols1].T,
         h @ w[cols2].T), float32 [BM, BN] each."""
         inv = _inv_rms(x_ptr, rows, rmask, eps, HIDDEN, BM, BK)
@@ -107,28 +122,28 @@ if triton is not None:
             ks = k0 + tl.arange(0, BK)
             kmask = ks < HIDDEN
             h = _normed(x_ptr, nw_ptr, rows, rmask, inv, ks, kmask, HIDDEN)
-            wmask = cmask[None, :] & kmask[:, None]
-            w1 = tl.load(w_ptr + cols1[None, :] * HIDDEN + ks[:, None], mask=wmask, other=0.0)
-            w2 = tl.load(w_ptr + cols2[None, :] * HIDDEN + ks[:, None], mask=wmask, other=0.0)
-            acc1 = _dot(h, w1, acc1, UPCAST, IEEE)
-            acc2 = _dot(h, w2, acc2, UPCAST, IEEE)
+            acc1 = _mac(h, w_ptr, cols1, ks, cmask, kmask, HIDDEN, acc1, UPCAST, IEEE)
+            acc2 = _mac(h, w_ptr, cols2, ks, cmask, kmask, HIDDEN, acc2, UPCAST, IEEE)
         return acc1, acc2
 
-    def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr,
-                       kc_ptr, vc_ptr, n, eps, s_slot, s_head, s_pos,
+    def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
+                       q_ptr, kc_ptr, vc_ptr, n, eps, s_slot, s_head, s_pos,
                        HIDDEN: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                        D: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
-                       BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-        """Grid (row blocks, heads + 2 * kv_heads): one head's D outputs for BM rows."""
+                       BK: tl.constexpr, QS: tl.constexpr,
+                       UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """Grid (row blocks, (heads + 2 * kv_heads) * QS): 1/QS of one head's D outputs
+        (the same columns of both rotary halves) for BM rows."""
         HALF: tl.constexpr = D // 2
-        head = tl.program_id(1)
+        BH: tl.constexpr = HALF // QS
+        head = tl.program_id(1) // QS
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < n
         dt = x_ptr.dtype.element_ty
-        half = tl.arange(0, HALF)
+        half = (tl.program_id(1) % QS) * BH + tl.arange(0, BH)  # columns of the first half
         out1 = head * D + half  # this head's weight rows, first half (rotary pairs i, i + D/2)
         acc1, acc2 = _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, out1, out1 + HALF,
-                                   half < HALF, eps, HIDDEN, BM, HALF, BK, UPCAST, IEEE)
+                                   half < HALF, eps, HIDDEN, BM, BH, BK, UPCAST, IEEE)
         if HAS_BIAS:
             acc1 += tl.load(b_ptr + out1).to(tl.float32)[None, :]
             acc2 += tl.load(b_ptr + out1 + HALF).to(tl.float32)[None, :]
@@ -146,7 +161,8 @@ if triton is not None:
         else:
             r1 = y1
             r2 = y2
-        slot = rows.to(tl.int64)[:, None] * s_slot  # a big cache passes 2**31 elements
+        slot = tl.load(slot_ptr + rows, mask=rmask, other=0)  # the row's cache slot
+        slot = slot.to(tl.int64)[:, None] * s_slot  # a big cache passes 2**31 elements
         if head < HEADS:
             dst = q_ptr + rows[:, None] * (HEADS * D) + head * D + half[None, :]
         elif head < HEADS + KV_HEADS:
@@ -158,7 +174,7 @@ if triton is not None:
         tl.store(dst, r1.to(dt), mask=rmask[:, None])
         tl.store(dst + HALF, r2.to(dt), mask=rmask[:, None])
 
-    def _attend(q_ptr, kc_ptr, vc_ptr, pos_ptr, o_ptr, part_ptr, ml_ptr, scale, chunk,
+    def _attend(q_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, o_ptr, part_ptr, ml_ptr, scale, chunk,
                 s_slot, s_head, s_pos,
                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
                 GROUP: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr,
@@ -181,16 +197,16 @@ if triton is not None:
         m = tl.full((BG,), float("-inf"), dtype=tl.float32)
         l_sum = tl.zeros((BG,), dtype=tl.float32)
         acc = tl.zeros((BG, D), dtype=tl.float32)
-        at = row.to(tl.int64) * s_slot + kvh * s_head  # a big cache passes 2**31 elements
+        slot = tl.load(slot_ptr + row).to(tl.int64)
+        at = slot * s_slot + kvh * s_head  # a big cache passes 2**31 elements
         kbase = kc_ptr + at
         vbase = vc_ptr + at
         for start in range(lo, hi, BL):
             keys = start + tl.arange(0, BL)
             kmask = keys < hi
-            k = tl.load(kbase + keys[None, :] * s_pos + d[:, None], mask=kmask[None, :],
-                        other=0.0)
-            v = tl.load(vbase + keys[:, None] * s_pos + d[None, :], mask=kmask[:, None],
-                        other=0.0)
+            at_key = keys.to(tl.int64) * s_pos  # position-major: past 2**31 elements
+            k = tl.load(kbase + at_key[None, :] + d[:, None], mask=kmask[None, :], other=0.0)
+            v = tl.load(vbase + at_key[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
             s = _dot(q, k, tl.zeros((BG, BL), dtype=tl.float32), UPCAST, IEEE) * scale
             s = tl.where(kmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))  # each block has a valid key: finite
@@ -225,7 +241,8 @@ if triton is not None:
 
     def _matmul_add(a_ptr, w_ptr, b_ptr, x_ptr, n, N: tl.constexpr, K: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    BK: tl.constexpr, UPCAST: tl.constexpr,
+                    IEEE: tl.constexpr):
         """x[:, cols] += a @ w[cols].T (+ bias), in place. Grid (row blocks, N / BN)."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -238,9 +255,7 @@ if triton is not None:
             kmask = ks < K
             a = tl.load(a_ptr + rows[:, None] * K + ks[None, :],
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_ptr + cols[None, :] * K + ks[:, None],
-                        mask=cmask[None, :] & kmask[:, None], other=0.0)
-            acc = _dot(a, w, acc, UPCAST, IEEE)
+            acc = _mac(a, w_ptr, cols, ks, cmask, kmask, K, acc, UPCAST, IEEE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         y = acc.to(dt).to(tl.float32)
@@ -251,8 +266,8 @@ if triton is not None:
 
     def _norm_gate_up(x_ptr, nw_ptr, w_ptr, b_ptr, h_ptr, n, eps, HIDDEN: tl.constexpr,
                       INTER: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-                      IEEE: tl.constexpr):
+                      BN: tl.constexpr, BK: tl.constexpr,
+                      UPCAST: tl.constexpr, IEEE: tl.constexpr):
         """h[:, cols] = silu(gate) * up of the normed rows. Grid (row blocks, INTER / BN)."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -313,10 +328,15 @@ class TritonLayers:
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.group = heads // kv_heads
         self.eps, self.scale = float(eps), float(scale)
-        # Output columns per matmul program at <= 16 rows and above, the reduction block,
-        # warps and pipeline stages of the matmul kernels, positions per attention split
-        # at least. Untuned defaults: benchmarks/gpu_decode.py tries others on a GPU.
+        # Output columns per matmul program at <= 16 rows and above; the reduction block,
+        # warps and pipeline stages of the matmul kernels above 16 rows and (*_small) at
+        # <= 16, where a step is bound by the latency of each kernel's dependent loads,
+        # not by bandwidth: fewer, larger loads; programs per q/k/v head at <= 16 rows
+        # (more programs read each head's weights in parallel); positions per attention
+        # split at least. The defaults are the best of benchmarks/gpu_decode.py's sweeps
+        # on an H100 (bk_small 256: 1,230 tok/s at batch 1 against 998 at 128).
         self.tiles = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages": 3,
+                      "bk_small": 256, "warps_small": 4, "stages_small": 3, "qkv_split": 1,
                       "min_split": 256, **(tiles or {})}
 
     def splits(self, n: int, window: int) -> int:
@@ -328,12 +348,14 @@ class TritonLayers:
         return s
 
     def layer(self, x: Any, w: tuple, kc: Any, vc: Any, pos: Any, cos: Any, sin: Any,
-              window: int) -> Any:
-        """One decoder layer for one new token in each of rows 0..n-1 (cache slots
-        0..n-1): x [n, hidden] (updated in place and returned), `w` the fused weights of
-        `static_decode._fuse_layers`, kc/vc the layer's cache [slots, kv_heads, max_len,
-        D], pos [n] each row's position, cos/sin [max_len, D] the rotary tables, `window`
-        the most positions any row attends over (it sets the attention splits)."""
+              window: int, slots: Any) -> Any:
+        """One decoder layer for one token in each of rows 0..n-1: x [n, hidden] (updated
+        in place and returned), `w` the fused weights of `static_decode._fuse_layers`,
+        kc/vc the layer's cache [slots, kv_heads, max_len, D], pos [n] each row's
+        position, slots [n] its cache slot, cos/sin [max_len, D] the rotary tables,
+        `window` the most positions any row attends over (it sets the attention splits).
+        Each row writes its key and value at (slot, pos), then attends over its slot's
+        positions 0..pos: rows sharing a slot at positions 0..t-1 are a causal prefill."""
         import torch
 
         norm1, qkv_w, qkv_b, o_w, o_b, norm2, gu_w, gu_b, down_w, down_b = w
@@ -342,17 +364,21 @@ class TritonLayers:
         inter = down_w.shape[1]
         k = _kernels(x.device)
         flags = {"UPCAST": x.device.type != "cuda", "IEEE": x.dtype == torch.float32}
+        t = self.tiles
+        small = "_small" if n <= 16 else ""
         bm = min(64, max(16, _pow2(n)))
-        bn = self.tiles["bn_small"] if n <= 16 else self.tiles["bn_large"]
-        bk = _block_k(self.tiles["bk"], x.dtype == torch.float32)
+        bn = t["bn_small"] if small else t["bn_large"]
+        bk = _block_k(t["bk" + small], x.dtype == torch.float32)
+        qs = t["qkv_split"] if small and d // 2 // t["qkv_split"] >= 16 else 1
         rows = triton.cdiv(n, bm)
-        flags.update(num_warps=self.tiles["warps"], num_stages=self.tiles["stages"])
+        flags.update(num_warps=t["warps" + small], num_stages=t["stages" + small])
         s_slot, s_head, s_pos, _ = kc.stride()
         q = torch.empty((n, heads * d), dtype=x.dtype, device=x.device)
-        k["norm_qkv_rope"][(rows, heads + 2 * kvh)](
-            x, norm1, qkv_w, qkv_b if qkv_b is not None else qkv_w, cos, sin, pos, q, kc, vc,
+        k["norm_qkv_rope"][(rows, (heads + 2 * kvh) * qs)](
+            x, norm1, qkv_w, qkv_b if qkv_b is not None else qkv_w, cos, sin, pos, slots, q,
+            kc, vc,
             n, self.eps, s_slot, s_head, s_pos, HIDDEN=hidden, HEADS=heads, KV_HEADS=kvh,
-            D=d, HAS_BIAS=qkv_b is not None, BM=bm, BK=_bk(hidden, bk), **flags)
+            D=d, HAS_BIAS=qkv_b is not None, BM=bm, BK=_bk(hidden, bk), QS=qs, **flags)
         o = torch.empty_like(q)
         splits = self.splits(n, window)
         chunk = triton.cdiv(triton.cdiv(window, splits), _BL) * _BL
@@ -361,7 +387,7 @@ class TritonLayers:
             part = torch.empty((n, heads, splits, d), dtype=torch.float32, device=x.device)
             ml = torch.empty((n, heads, splits, 2), dtype=torch.float32, device=x.device)
         k["attend"][(n, kvh, splits)](
-            q, kc, vc, pos, o, part, ml, self.scale, chunk, s_slot, s_head, s_pos,
+            q, kc, vc, pos, slots, o, part, ml, self.scale, chunk, s_slot, s_head, s_pos,
             HEADS=heads, KV_HEADS=kvh, D=d, GROUP=self.group, BG=max(16, _pow2(self.group)),
             BL=_BL, SPLITS=splits, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"])
         if splits > 1:
@@ -394,7 +420,8 @@ def _bk(k: int, block: int = 128) -> int:
 
 def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, heads: int = 9,
                     kv_heads: int = 3, head_dim: int = 64, inter: int = 1536,
-                    bm: int = 16, bn: int = 16, bk: int = 128, splits: int = 4
+                    bm: int = 16, bn: int = 16, bk: int = 128, splits: int = 4,
+                    qkv_split: int = 1, warps: int = 4, stages: int = 3
                     ) -> dict[str, dict[str, int]]:
     """Compile every kernel for CUDA compute capability `arch` without a GPU (Triton's
     bundled ptxas), with the tiles `TritonLayers.layer` would pick; per kernel its
@@ -412,12 +439,13 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
     jobs = {
         "norm_qkv_rope": (
             {"x_ptr": p, "nw_ptr": p, "w_ptr": p, "b_ptr": p, "cos_ptr": p, "sin_ptr": p,
-             "pos_ptr": i, "q_ptr": p, "kc_ptr": p, "vc_ptr": p, "n": "i32", "eps": "fp32",
-             "s_slot": "i32", "s_head": "i32", "s_pos": "i32"},
+             "pos_ptr": i, "slot_ptr": i, "q_ptr": p, "kc_ptr": p, "vc_ptr": p, "n": "i32",
+             "eps": "fp32", "s_slot": "i32", "s_head": "i32", "s_pos": "i32"},
             {"HIDDEN": hidden, "HEADS": heads, "KV_HEADS": kv_heads, "D": head_dim,
-             "HAS_BIAS": True, "BM": bm, "BK": _bk(hidden, bk), **flags}),
+             "HAS_BIAS": True, "BM": bm, "BK": _bk(hidden, bk), "QS": qkv_split, **flags}),
         "attend": (
-            {"q_ptr": p, "kc_ptr": p, "vc_ptr": p, "pos_ptr": i, "o_ptr": p, "part_ptr": f,
+            {"q_ptr": p, "kc_ptr": p, "vc_ptr": p, "pos_ptr": i, "slot_ptr": i, "o_ptr": p,
+             "part_ptr": f,
              "ml_ptr": f, "scale": "fp32", "chunk": "i32", "s_slot": "i32", "s_head": "i32",
              "s_pos": "i32"},
             {"HEADS": heads, "KV_HEADS": kv_heads, "D": head_dim, "GROUP": group,
@@ -440,7 +468,9 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
         fn = kernels[name]
         sig = {**signature, **{c: "constexpr" for c in constexprs}}
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+        options = ({"num_warps": warps, "num_stages": stages}
+                   if name in ("norm_qkv_rope", "matmul_add", "norm_gate_up") else None)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         out[name] = {"cubin_bytes": len(compiled.asm["cubin"]),
                      "shared_bytes": compiled.metadata.shared}
     return out

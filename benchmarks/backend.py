@@ -201,7 +201,7 @@ def cpu_benchmark() -> dict[str, Any]:
     }
 
 
-def gpu_benchmark(decode_kernels: str = "torch") -> dict[str, Any]:
+def gpu_benchmark(decode_kernels: str = "auto") -> dict[str, Any]:
     """Batch-1 decode and 256 concurrent requests on CUDA, bf16: plain `generate` (batch 1,
     and one padded generate of all 256) against the engine's static decoding (CUDA
     graphs, continuous batching, `decode_kernels`); the shared code is
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantization", action="store_true",
                         help="also run benchmarks/quantization.py and merge its keys")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU benchmark")
-    parser.add_argument("--decode-kernels", choices=("torch", "triton"), default="torch",
+    parser.add_argument("--decode-kernels", choices=("auto", "torch", "triton"), default="auto",
                         help="with --gpu: what computes the static decode layer")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging

@@ -11,17 +11,18 @@ generation_config.min_new_tokens, which both paths honour). In one process:
 
 1. baseline: plain `model.generate`, batch 1, greedy (`plain_bs1_tok_s`), and
    one left-padded `generate` of all N requests (`plain_256_tok_s`);
-2. contender: the batching engine with `static_decode="on"` (static KV cache,
-   decode steps replayed as CUDA graphs, `decode_steps` greedy tokens per
-   replay): one request (`gpu_bs1_tok_s`) and N concurrent callers
-   (`gpu_256_tok_s`, latency p50/p95), after a warm-up that captures the graphs;
-3. the decoder alone at batch 1 with 1 and 8 steps per replay, and without graphs;
-4. greedy equality of the static engine against the single-request path, in
-   bf16 and in fp32;
-5. the same engine with `decode_kernels="triton"` (five fused Triton kernels a
-   layer, backends/triton_decode.py): the decoder alone at batch 1 for a few
-   tile sizes, the engine at batch 1 and N, the kernel profile (`*_triton*`
-   keys; run right after 1-2; --no-triton skips it), greedy equality in 4;
+2. contender: the batching engine with `static_decode="on"` and its default
+   kernels (`decode_kernels="auto"`: the fused Triton kernels on CUDA; static KV
+   cache, decode steps replayed as CUDA graphs, `decode_steps` greedy tokens per
+   replay, chunks launched one ahead): one request (`gpu_bs1_tok_s`) and N
+   concurrent callers (`gpu_256_tok_s`, latency p50/p95), after a warm-up that
+   captures the graphs;
+3. the same engine on the PyTorch kernels (`*_torch` keys; --no-torch skips it),
+   and the Triton decoder alone at batch 1 for a few tile settings;
+4. the decoder alone, each kind of kernels: batch 1 with 8 and 1 steps per
+   replay, without graphs, and N rows; the kernel profile of eager steps;
+5. greedy equality of the static engine (both kernels) against the
+   single-request path, in bf16 and in fp32;
 6. optional (--compile, time permitting): the decode step compiled by
    torch.compile (inductor) before capture; int8 weights.
 
@@ -48,8 +49,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also torch.compile the step")
     parser.add_argument("--no-int8", dest="int8", action="store_false",
                         help="skip the int8-weights row")
-    parser.add_argument("--no-triton", dest="triton", action="store_false",
-                        help="skip the Triton kernel rows")
+    parser.add_argument("--no-torch", dest="torch_rows", action="store_false",
+                        help="skip the engine on the PyTorch kernels")
     parser.add_argument("--budget-s", type=float, default=420,
                         help="optional phases start only before this many seconds")
     args = parser.parse_args()
@@ -92,27 +93,30 @@ def main() -> None:
     log("model loaded")
 
     enc = decode_speed(plain, questions, new, out, log, save)
-    if args.triton:
-        try:
-            triton_rows(plain, questions, enc[0], new, out, args.out, log, save)
-        except Exception as e:  # noqa: BLE001  (record it, keep the rest)
-            out["triton_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            log(f"triton rows failed: {out['triton_error']}")
-        save()
-
-    # 3. the decoder alone at batch 1: steps per replay, graphs on/off
     prompt = enc[0]
-    for graphs, steps, count in ((True, 8, new), (True, 1, new), (False, 1, 16)):
-        dec = StaticDecoder(model, slots=1, max_len=1024, cuda_graphs=graphs)
-        key = f"decoder_bs1_{'graph' if graphs else 'eager'}_steps{steps}_tok_s"
-        out[key] = decoder_tok_s(dec, prompt, 1, count, steps, sync)
-        log(f"{key}: {out[key]}")
-        del dec
+    if args.torch_rows:
+        other_rows(plain, questions, prompt, new, out, log, save)
+
+    # 4. the decoder alone: steps per replay, graphs on/off at batch 1; and at N (the
+    # engine's figure against it is the engine's own overhead)
+    kinds = ("triton", "torch") if gpu else ("torch",)
+    for kernels in kinds:
+        for rows, graphs, steps, count in ((1, True, 8, new), (1, True, 1, new),
+                                           (1, False, 1, 16), (n, True, 8, new)):
+            dec = StaticDecoder(model, slots=rows, max_len=1024, cuda_graphs=graphs,
+                                kernels=kernels)
+            tag = "bs1" if rows == 1 else "many"
+            key = (f"decoder_{tag}_{'graph' if graphs else 'eager'}_steps{steps}"
+                   f"{'_torch' if kernels == 'torch' else ''}_tok_s")
+            out[key] = decoder_tok_s(dec, prompt, rows, count, steps, sync)
+            log(f"{key}: {out[key]}")
+            del dec
     save()
 
-    # 3b. where a decode step's GPU time goes: kernels of eager steps (no graph), top 12
+    # 4b. where a decode step's GPU time goes: kernels of eager steps (no graph), top 12
     if gpu:
         try:
+            profile_steps(out, args.out, model, prompt, n, log, kernels="triton")
             for compiled in (False, True) if args.compile else (False,):
                 profile_steps(out, args.out, model, prompt, n, log, compiled)
         except Exception as e:  # noqa: BLE001  (a figure lost, not the run)
@@ -120,17 +124,15 @@ def main() -> None:
         save()
 
     # 4. greedy equality, static engine against the single-request path
-    few = questions[:8]
+    few = questions[:6]  # the single path is slow on a GPU (~12 tok/s)
     for dtype, lb in (("bfloat16", plain), ("float32", None)):
         if lb is None:
             lb = LocalBackend(loaded=load_model(str(folder), device=args.device, dtype=dtype),
                               prefix_cache_mb=0)
         seq = [lb.generate([bb.chat(q, 32)])[0].text for q in few]
-        variants = [("", {})]
+        variants = [("", {}), ("_torch", {"decode_kernels": "torch"})]
         if args.compile:
             variants.append(("_compiled", {"compile_decode": True}))
-        if args.triton:
-            variants.append(("_triton", {"decode_kernels": "triton"}))
         for tag, kw in variants:
             eng = engine_for(lb, len(few), **kw)
             got, _, _ = bb.concurrent(eng, few, 32, check=False)
@@ -197,11 +199,12 @@ def decoder_tok_s(dec: Any, prompt: list[int], rows: int, count: int, steps: int
     return round(rows * made / (time.perf_counter() - t0), 1)
 
 
-def triton_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
-                out: dict[str, Any], folder: Path, log: Any, save: Any) -> None:
-    """The Triton kernels: the decoder alone at batch 1 and N for a few tile sizes (the
-    defaults are untuned), the engine at batch 1 and N, the kernel profile (greedy
-    equality is phase 4's)."""
+def other_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
+               out: dict[str, Any], log: Any, save: Any) -> None:
+    """The engine on the PyTorch kernels at batch 1 and N (`*_torch` keys); the default
+    engine at N waiting for each chunk's tokens before the next launch
+    (`gpu_256_tok_s_no_run_ahead`); the Triton decoder alone at batch 1 for a few tile
+    settings (each compiles anew: seconds)."""
     import torch
     from contextwise.backends.static_decode import StaticDecoder
 
@@ -211,41 +214,45 @@ def triton_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
     gpu = model.device.type == "cuda"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     n = len(questions)
-    # each variant compiles the kernels anew (seconds each): a few only
-    bs1 = ({}, {"bn_small": 32}, {"bk": 64}, {"warps": 2}, {"warps": 8}, {"min_split": 64})
-    many = ({}, {"bn_large": 128})
-    for rows, variants in ((1, bs1), (n, many)):
-        sweep = {}
-        for tiles in variants:
-            dec = StaticDecoder(model, slots=rows, max_len=1024, kernels="triton")
-            if dec.triton is None:
-                raise RuntimeError(dec.stats["kernels_note"])
-            dec.triton.tiles.update(tiles)
-            name = ",".join(f"{k}={v}" for k, v in sorted(tiles.items())) or "default"
-            sweep[name] = decoder_tok_s(dec, prompt, rows, new, 8, sync)
-            log(f"triton decoder x{rows} {name}: {sweep[name]} tok/s")
-            del dec
-        tag = "bs1" if rows == 1 else "many"
-        out[f"decoder_{tag}_triton_sweep"] = sweep
-        out[f"decoder_{tag}_triton_tok_s"] = max(sweep.values())
-        save()
     with bb.min_new_tokens(model, new):
-        for batch, qs, key in ((1, questions[:1], "gpu_bs1_tok_s_triton"),
-                               (n, questions, "gpu_256_tok_s_triton")):
-            eng = engine_for(plain, batch, decode_kernels="triton",
+        for batch, qs, key in ((1, questions[:1], "gpu_bs1_tok_s_torch"),
+                               (n, questions, "gpu_256_tok_s_torch")):
+            eng = engine_for(plain, batch, decode_kernels="torch",
                              kv_cache_mb=1024 if batch == 1 else None)
-            bb.concurrent(eng, qs, new)  # warm-up: compiles and captures
+            bb.concurrent(eng, qs, new)  # warm-up: captures the graphs
             sync()
             _, lat, secs = bb.concurrent(eng, qs, new)
             out[key] = round(len(qs) * new / secs, 1)
-            out[f"{key}_stats"] = eng.stats().get("static")
             if batch > 1:
-                out["gpu_256_latency_p50_s_triton"] = round(statistics.median(lat), 3)
+                out["gpu_256_latency_p50_s_torch"] = round(statistics.median(lat), 3)
             eng.close()
             log(f"{key}: {out[key]}")
             save()
-    if gpu:
-        profile_steps(out, folder, model, prompt, n, log, kernels="triton")
+        eng = engine_for(plain, n)
+        bb.concurrent(eng, questions, new)  # warm-up; then the runner exists
+        eng._runner.run_ahead = False
+        sync()
+        _, _, secs = bb.concurrent(eng, questions, new)
+        out["gpu_256_tok_s_no_run_ahead"] = round(n * new / secs, 1)
+        eng.close()
+        log(f"gpu_256_tok_s_no_run_ahead: {out['gpu_256_tok_s_no_run_ahead']}")
+        save()
+    if not gpu:
+        return
+    sweep = {}
+    for tiles in ({}, {"bk_small": 128}, {"bk_small": 512}, {"qkv_split": 2},
+                  {"warps_small": 2}):
+        dec = StaticDecoder(model, slots=1, max_len=1024, kernels="triton")
+        if dec.triton is None:
+            out["triton_note"] = dec.stats.get("kernels_note")
+            return
+        dec.triton.tiles.update(tiles)
+        name = ",".join(f"{k}={v}" for k, v in sorted(tiles.items())) or "default"
+        sweep[name] = decoder_tok_s(dec, prompt, 1, new, 8, sync)
+        log(f"triton decoder x1 {name}: {sweep[name]} tok/s")
+        del dec
+    out["decoder_bs1_triton_sweep"] = sweep
+    save()
 
 
 def engine_for(backend: Any, batch: int, **kw: Any) -> Any:

@@ -78,6 +78,33 @@ def test_decoder_equals_transformers_greedy(kind: str, steps: int) -> None:
     assert got == [reference(model, p, 20) for p in PROMPTS]
 
 
+def test_a_position_major_cache_gives_the_same_tokens_and_verifies() -> None:
+    model = tiny("qwen2")
+    dec = StaticDecoder(model, slots=4, max_len=256, kv_layout="position")
+    assert dec.k[0].shape == (4, 2, 256, 16) and dec.k[0].stride()[2] == 4 * 2 * 16
+    want = [reference(model, p, 14) for p in PROMPTS]
+    assert static_greedy(dec, PROMPTS, 8, 3) == [w[:8] for w in want]
+    pos = [len(p) + 8 for p in PROMPTS]
+    got = dec.verify(3, [[w[7], *w[8:12]] for w in want], [p - 1 for p in pos])
+    assert got == [w[8:13] for w in want]
+    with pytest.raises(ValueError, match="kv_layout must be one of"):
+        StaticDecoder(model, slots=1, max_len=16, kv_layout="paged")
+
+
+def test_a_resumed_launch_goes_on_from_the_last_one_on_the_device() -> None:
+    model = tiny()
+    want = [reference(model, p, 13) for p in PROMPTS]
+    dec = StaticDecoder(model, slots=4, max_len=256)
+    first = dec.prefill([0, 1, 2], PROMPTS).argmax(-1).tolist()
+    pos = [len(p) for p in PROMPTS]
+    a = dec.launch(3, first, pos, steps=4)
+    b = dec.launch(3, None, [p + 4 for p in pos], steps=4)  # before a's tokens are read
+    c = dec.launch(3, None, [p + 8 for p in pos], steps=4)
+    got = [[f, *x, *y, *z] for f, x, y, z in zip(first, a.tokens(), b.tokens(), c.tokens(),
+                                                  strict=True)]
+    assert got == want
+
+
 def test_a_slot_refilled_forgets_its_old_sequence() -> None:
     model = tiny()
     dec = StaticDecoder(model, slots=1, max_len=256)
@@ -219,6 +246,46 @@ class _FlakyDecoder:
             raise RuntimeError("CUDA out of memory")
         return torch.ones(n, steps, dtype=torch.long), torch.zeros(n, 8)
 
+    def launch(self, n: int, tokens: Any, pos: Any, steps: int = 1, ban_eos: Any = None) -> Any:
+        from contextwise.backends.static_decode import Pending
+
+        return Pending(self.decode(n, tokens, pos, steps, ban_eos)[0], None)
+
+
+@pytest.mark.parametrize("run_ahead", [True, False])
+def test_chunks_run_one_ahead_but_not_past_the_last_token(run_ahead: bool) -> None:
+    from concurrent.futures import Future
+
+    from contextwise.backends.continuous import ContinuousRunner, _Active
+
+    model = tiny()
+    dec = StaticDecoder(model, slots=4, max_len=256)
+    resumed: list[bool] = []
+    real = dec.launch
+
+    def launch(n: int, tokens: Any, pos: Any, steps: int = 1, ban_eos: Any = None) -> Any:
+        resumed.append(tokens is None)
+        return real(n, tokens, pos, steps, ban_eos)
+
+    dec.launch = launch  # type: ignore[method-assign]
+
+    class Req:
+        def __init__(self, ids: list[int]) -> None:
+            self.ids, self.future = ids, Future()
+
+    got: dict[int, list[int]] = {}
+    runner = ContinuousRunner(
+        dec, eos=-1, steps=4, run_ahead=run_ahead,
+        make_row=lambda req, slot: _Active(req, req.ids, 9, None, None, slot=slot),
+        complete=lambda row, size: got.__setitem__(PROMPTS.index(row.ids), row.new),
+        poll=lambda limit: [], decode_text=lambda ids: "")
+    runner.run([Req(p) for p in PROMPTS])
+    assert [got[i] for i in range(3)] == [reference(model, p, 9) for p in PROMPTS]
+    # 1 token from the prefill, then 4 + 4: the second chunk resumes from the device
+    # (when running ahead), and nothing is launched past the ninth token
+    assert resumed == [False, run_ahead]
+    assert runner.stats["resumed"] == int(run_ahead) and not runner.active
+
 
 def test_a_failing_pass_fails_its_callers_and_frees_the_slots() -> None:
     from concurrent.futures import Future
@@ -283,6 +350,7 @@ def test_static_engine_gives_the_single_path_greedy_text(local: Any,
     s = engine.stats()
     assert s["static_decode"] == "on" and s["static"]["admitted"] == len(QUESTIONS)
     assert s["static"]["slots"] == 8 and s["static"]["largest_active"] >= 2
+    assert s["static"]["resumed"] >= 1  # chunks launched before the last one's tokens landed
 
 
 @pytest.mark.model
