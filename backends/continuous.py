@@ -203,9 +203,10 @@ class ContinuousRunner:
         chunk k's last tokens, on the device) the host hands out chunk k's tokens,
         finishes rows and builds their replies. A row that ended in chunk k decodes
         chunk k + 1 for nothing (its tokens are dropped; its slot is taken again only
-        after that chunk). The pipeline drains when requests wait for a free slot, or
-        when a chunk must sample or verify drafts, or when every row ends in this chunk
-        (by its max_tokens). `run_ahead=False` waits for each chunk's tokens instead."""
+        after that chunk). The pipeline drains when requests wait for a free slot, when
+        few enough rows are left to verify prompt-lookup drafts, or when every row ends
+        in this chunk (by its max_tokens). `run_ahead=False` waits for each chunk's
+        tokens instead."""
         pending: deque[Any] = deque(reqs)
         flight: _Flight | None = None
         try:
@@ -215,9 +216,7 @@ class ContinuousRunner:
                     if self.active:
                         flight = self._chunk()
                 else:
-                    ahead = None
-                    if self.run_ahead and not (pending and self.free) and self._more(flight):
-                        ahead = self._resume(flight)
+                    ahead = self._resume(flight) if self._go_on(flight, pending) else None
                     self._land(flight)
                     flight = ahead
                 if self.free:
@@ -303,11 +302,16 @@ class ContinuousRunner:
             self._advance(r, [token])
         return None
 
-    @staticmethod
-    def _more(flight: _Flight) -> bool:
-        """Whether a row of `flight` may decode past it (one reaching its max_tokens in it
-        surely ends there)."""
-        return any(not r.done and len(r.new) + flight.steps < r.max_new for _, r in flight.rows)
+    def _go_on(self, flight: _Flight, pending: deque[Any]) -> bool:
+        """Whether to launch the chunk after `flight` before taking its tokens: not when
+        requests wait for a free slot, nor when the rows left are few enough for a verify
+        pass (prompt lookup), nor when every row ends in `flight` (by its max_tokens)."""
+        if not self.run_ahead or (pending and self.free):
+            return False
+        live = [r for _, r in flight.rows if not r.done]
+        if self.speculate and len(live) <= self.speculate_rows:
+            return False
+        return any(len(r.new) + flight.steps < r.max_new for r in live)
 
     def _resume(self, flight: _Flight) -> _Flight | None:
         """The chunk after `flight` over the same slots, launched before its tokens are

@@ -287,6 +287,31 @@ def test_chunks_run_one_ahead_but_not_past_the_last_token(run_ahead: bool) -> No
     assert runner.stats["resumed"] == int(run_ahead) and not runner.active
 
 
+def test_running_ahead_stops_for_waiting_requests_drafts_and_the_last_chunk() -> None:
+    from collections import deque
+
+    from contextwise.backends.continuous import ContinuousRunner, _Active, _Flight
+
+    runner = ContinuousRunner(
+        _FlakyDecoder(), eos=7, steps=4, make_row=lambda req, slot: None,
+        complete=lambda row, size: None, poll=lambda limit: [], decode_text=lambda ids: "",
+        speculate=5, speculate_rows=2)
+    rows = [_Active(None, [1], 20, None, None, slot=i) for i in range(3)]
+    flight = _Flight([(i, r) for i, r in enumerate(rows)], 3, [1, 1, 1], 4, None)
+    assert runner._go_on(flight, deque())  # 3 rows: more than a verify pass takes
+    rows[0].done = True
+    assert not runner._go_on(flight, deque())  # 2 left: they may draft
+    runner.speculate = 0
+    assert runner._go_on(flight, deque())
+    runner.free = [5]
+    assert not runner._go_on(flight, deque(["a request waiting for a slot"]))
+    for r in rows:
+        r.new = [0] * 16  # 16 + 4 = max_tokens: every row ends in this chunk
+    assert not runner._go_on(flight, deque())
+    runner.run_ahead, rows[1].new = False, []
+    assert not runner._go_on(flight, deque())
+
+
 def test_a_failing_pass_fails_its_callers_and_frees_the_slots() -> None:
     from concurrent.futures import Future
 
