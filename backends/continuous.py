@@ -92,7 +92,7 @@ class Row:
 class _Flight:
     """A greedy chunk launched on the GPU whose tokens its rows have not taken yet."""
 
-    rows: list[tuple[int, _Active]]  # (slot, row) of the rows it decodes
+    rows: list[_Active]  # the rows it decodes
     n: int  # slots 0..n-1
     pos: list[int]  # each slot's position at launch
     steps: int
@@ -290,7 +290,7 @@ class ContinuousRunner:
         if greedy:
             launched = self.decoder.launch(n, tokens, pos, steps=self.steps,
                                            ban_eos=ban if any(ban) else None)
-            return _Flight(list(self.active.items()), n, pos, self.steps, launched)
+            return _Flight(list(self.active.values()), n, pos, self.steps, launched)
         t0 = time.perf_counter()
         _, logits = self.decoder.decode(n, tokens, pos, steps=1,
                                         ban_eos=ban if any(ban) else None)
@@ -308,7 +308,7 @@ class ContinuousRunner:
         pass (prompt lookup), nor when every row ends in `flight` (by its max_tokens)."""
         if not self.run_ahead or (pending and self.free):
             return False
-        live = [r for _, r in flight.rows if not r.done]
+        live = [r for r in flight.rows if not r.done]
         if self.speculate and len(live) <= self.speculate_rows:
             return False
         return any(len(r.new) + flight.steps < r.max_new for r in live)
@@ -330,9 +330,9 @@ class ContinuousRunner:
         chosen = flight.pending.tokens()
         self.stats["decode_s"] += time.perf_counter() - t0  # the host waits for the tokens
         self.stats["chunks"] += 1
-        for slot, r in flight.rows:
-            if not r.done and self.active.get(slot) is r:
-                self._advance(r, chosen[slot])
+        for r in flight.rows:
+            if not r.done and self.active.get(r.slot) is r:
+                self._advance(r, chosen[r.slot])
 
     def _drafts(self) -> dict[int, list[int]]:
         """Each active row's draft; every verified position must fit in its slot."""

@@ -452,8 +452,8 @@ class StaticDecoder:
 
         out, _ = self._decode(n, tokens, pos, steps, ban_eos)
         with torch.inference_mode():
-            if self.device.type != "cuda":
-                return Pending(out[:n].clone(), None)
+            if self.device.type != "cuda":  # no graphs: `out` is this call's own tensor
+                return Pending(out[:n], None)
             shape = tuple(out.shape)
             ring = self._host.setdefault(shape, [])
             if len(ring) < 2:  # two in turn: one read while the next is written

@@ -111,8 +111,7 @@ if triton is not None:
     @triton.jit
     def _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, cols1, cols2, cmask, eps,
                       HIDDEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      BK: tl.constexpr, UPCAST: tl.constexpr,
-                      IEEE: tl.constexpr):
+                      BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
         """The normed rows times two sets of weight rows (w [out, HIDDEN]): (h @ w[cols1].T,
         h @ w[cols2].T), float32 [BM, BN] each."""
         inv = _inv_rms(x_ptr, rows, rmask, eps, HIDDEN, BM, BK)
@@ -130,8 +129,8 @@ if triton is not None:
                        q_ptr, kc_ptr, vc_ptr, n, eps, s_slot, s_head, s_pos,
                        HIDDEN: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                        D: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
-                       BK: tl.constexpr, QS: tl.constexpr,
-                       UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                       BK: tl.constexpr, QS: tl.constexpr, UPCAST: tl.constexpr,
+                       IEEE: tl.constexpr):
         """Grid (row blocks, (heads + 2 * kv_heads) * QS): 1/QS of one head's D outputs
         (the same columns of both rotary halves) for BM rows."""
         HALF: tl.constexpr = D // 2
@@ -241,8 +240,7 @@ if triton is not None:
 
     def _matmul_add(a_ptr, w_ptr, b_ptr, x_ptr, n, N: tl.constexpr, K: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr):
+                    BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
         """x[:, cols] += a @ w[cols].T (+ bias), in place. Grid (row blocks, N / BN)."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)

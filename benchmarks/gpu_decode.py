@@ -152,11 +152,8 @@ def main() -> None:
                     break
                 eng = engine_for(plain, batch, compile_decode=True,
                                  kv_cache_mb=1024 if batch == 1 else None)
-                t0 = time.perf_counter()
-                bb.concurrent(eng, qs, new)  # warm-up: compiles and captures
-                out[f"{key}_warmup_s"] = round(time.perf_counter() - t0, 1)
-                sync()
-                _, _, secs = bb.concurrent(eng, qs, new)
+                _, secs, warm_s = warm_and_time(eng, qs, new, sync)
+                out[f"{key}_warmup_s"] = round(warm_s, 1)
                 out[key] = round(len(qs) * new / secs, 1)
                 eng.close()
                 log(f"{key}: {out[key]} (warm-up {out[f'{key}_warmup_s']} s)")
@@ -168,8 +165,7 @@ def main() -> None:
                               prefix_cache_mb=0)
             with bb.min_new_tokens(q8.model, new):
                 eng = engine_for(q8, 1, kv_cache_mb=1024)
-                bb.concurrent(eng, questions[:1], new)
-                _, _, secs = bb.concurrent(eng, questions[:1], new)
+                _, secs, _ = warm_and_time(eng, questions[:1], new, sync)
                 eng.close()
             out["gpu_bs1_tok_s_int8"] = round(new / secs, 1)
             log(f"static engine bs1 int8: {out['gpu_bs1_tok_s_int8']} tok/s")
@@ -219,9 +215,7 @@ def other_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
                                (n, questions, "gpu_256_tok_s_torch")):
             eng = engine_for(plain, batch, decode_kernels="torch",
                              kv_cache_mb=1024 if batch == 1 else None)
-            bb.concurrent(eng, qs, new)  # warm-up: captures the graphs
-            sync()
-            _, lat, secs = bb.concurrent(eng, qs, new)
+            lat, secs, _ = warm_and_time(eng, qs, new, sync)
             out[key] = round(len(qs) * new / secs, 1)
             if batch > 1:
                 out["gpu_256_latency_p50_s_torch"] = round(statistics.median(lat), 3)
@@ -229,10 +223,8 @@ def other_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
             log(f"{key}: {out[key]}")
             save()
         eng = engine_for(plain, n)
-        bb.concurrent(eng, questions, new)  # warm-up; then the runner exists
-        eng._runner.run_ahead = False
-        sync()
-        _, _, secs = bb.concurrent(eng, questions, new)
+        _, secs, _ = warm_and_time(eng, questions, new, sync, after_warm_up=lambda e: setattr(
+            e._runner, "run_ahead", False))  # the warm-up built the runner
         out["gpu_256_tok_s_no_run_ahead"] = round(n * new / secs, 1)
         eng.close()
         log(f"gpu_256_tok_s_no_run_ahead: {out['gpu_256_tok_s_no_run_ahead']}")
@@ -253,6 +245,22 @@ def other_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
         del dec
     out["decoder_bs1_triton_sweep"] = sweep
     save()
+
+
+def warm_and_time(eng: Any, qs: list[str], new: int, sync: Any,
+                  after_warm_up: Any = None) -> tuple[list[float], float, float]:
+    """(latencies, seconds, warm-up seconds) of `qs` through `eng`, timed after one
+    warm-up round (it compiles and captures the graphs; `after_warm_up(eng)` runs then)."""
+    from benchmarks import backend as bb
+
+    t0 = time.perf_counter()
+    bb.concurrent(eng, qs, new)
+    warm_s = time.perf_counter() - t0
+    if after_warm_up is not None:
+        after_warm_up(eng)
+    sync()
+    _, lat, secs = bb.concurrent(eng, qs, new)
+    return lat, secs, warm_s
 
 
 def engine_for(backend: Any, batch: int, **kw: Any) -> Any:
@@ -290,18 +298,14 @@ def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any]
     # 2. the static engine: batch 1, then n concurrent callers
     with bb.min_new_tokens(model, new):
         eng = engine_for(plain, 1, kv_cache_mb=1024, **engine_kw)
-        bb.concurrent(eng, questions[:1], new)  # warm-up: captures the graphs
-        sync()
-        _, _, secs = bb.concurrent(eng, questions[:1], new)
+        _, secs, _ = warm_and_time(eng, questions[:1], new, sync)
         out["gpu_bs1_tok_s"] = round(new / secs, 1)
         out["gpu_bs1_stats"] = eng.stats().get("static")
         eng.close()
         log(f"static engine bs1: {out['gpu_bs1_tok_s']} tok/s")
         save()
         eng = engine_for(plain, n, **engine_kw)
-        bb.concurrent(eng, questions, new)  # warm-up
-        sync()
-        _, lat, secs = bb.concurrent(eng, questions, new)
+        lat, secs, _ = warm_and_time(eng, questions, new, sync)
         out.update({
             "gpu_256_tok_s": round(n * new / secs, 1),
             "gpu_256_latency_p50_s": round(statistics.median(lat), 3),

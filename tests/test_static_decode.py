@@ -297,7 +297,7 @@ def test_running_ahead_stops_for_waiting_requests_drafts_and_the_last_chunk() ->
         complete=lambda row, size: None, poll=lambda limit: [], decode_text=lambda ids: "",
         speculate=5, speculate_rows=2)
     rows = [_Active(None, [1], 20, None, None, slot=i) for i in range(3)]
-    flight = _Flight([(i, r) for i, r in enumerate(rows)], 3, [1, 1, 1], 4, None)
+    flight = _Flight(rows, 3, [1, 1, 1], 4, None)
     assert runner._go_on(flight, deque())  # 3 rows: more than a verify pass takes
     rows[0].done = True
     assert not runner._go_on(flight, deque())  # 2 left: they may draft
