@@ -49,6 +49,7 @@ class Row:
     new: list[int] = field(default_factory=list)
     done: bool = False
     error: BaseException | None = None
+    text: str | None = None  # `new` decoded, when decoded with other rows ending with it
 
     @property
     def n_prompt(self) -> int:
@@ -173,7 +174,8 @@ class ContinuousRunner:
                  complete: Callable[[_Active, int], None],
                  poll: Callable[[int], list[Any]],
                  decode_text: Callable[[list[int]], str],
-                 speculate: int = 0, speculate_rows: int = 4, run_ahead: bool = True):
+                 speculate: int = 0, speculate_rows: int = 4, run_ahead: bool = True,
+                 decode_texts: Callable[[list[list[int]]], list[str]] | None = None):
         self.decoder = decoder
         self.eos = eos
         self.steps = max(1, int(steps))
@@ -181,6 +183,7 @@ class ContinuousRunner:
         self.complete = complete
         self.poll = poll
         self.decode_text = decode_text
+        self.decode_texts = decode_texts  # many replies' texts in one call (rows ending together)
         self.free = list(range(decoder.slots))  # a heap: the lowest slots first, small buckets
         self.active: dict[int, _Active] = {}
         self.speculate = max(0, min(int(speculate), MAX_VERIFY - 1))
@@ -330,9 +333,17 @@ class ContinuousRunner:
         chosen = flight.pending.tokens()
         self.stats["decode_s"] += time.perf_counter() - t0  # the host waits for the tokens
         self.stats["chunks"] += 1
-        for r in flight.rows:
-            if not r.done and self.active.get(r.slot) is r:
-                self._advance(r, chosen[r.slot])
+        ended = [r for r in flight.rows if not r.done and self.active.get(r.slot) is r
+                 and self._advance(r, chosen[r.slot], finish=False)]
+        if len(ended) > 1 and self.decode_texts is not None:
+            try:
+                texts = self.decode_texts([r.new for r in ended])
+            except Exception:  # noqa: BLE001  (each reply then decodes its own text)
+                texts = [None] * len(ended)
+            for r, text in zip(ended, texts, strict=True):
+                r.text = text
+        for r in ended:
+            self._finish(r)
 
     def _drafts(self) -> dict[int, list[int]]:
         """Each active row's draft; every verified position must fit in its slot."""
@@ -392,14 +403,15 @@ class ContinuousRunner:
             picks[idx] = _sample(logits[idx] / temps[:, None], top_p)
         return picks.tolist()
 
-    def _advance(self, r: _Active, tokens: list[int]) -> None:
+    def _advance(self, r: _Active, tokens: list[int], finish: bool = True) -> bool:
         """Row `r` takes `tokens` (up to where it ends) and moves its position past them;
-        it is finished when it ends."""
+        whether it ended (then it is finished here, unless `finish` is False)."""
         taken, ended = r.take_many(tokens, self.eos, self._stopped(r))
         r.pos += taken
         self.stats["tokens"] += taken
-        if ended:
+        if ended and finish:
             self._finish(r)
+        return ended
 
     def _stopped(self, r: _Active) -> Callable[[], bool]:
         """Whether row `r`'s text so far holds one of its stop strings."""

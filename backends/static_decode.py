@@ -21,9 +21,11 @@ become views of the fused tensors) and a decode layer is one pure function of
 tensors (`compile=True` runs it through torch.compile: one compile for every
 layer and shape; `kernels="triton"`, or "auto" on CUDA, runs it as five fused
 Triton kernels, backends/triton_decode.py, which also prefill prompts of up to
-TRITON_PREFILL_MAX tokens, and lays the cache out position-major, each
-position's slots together, so a step's reads and writes share few memory pages);
-quantized linears keep the module path, so they
+TRITON_PREFILL_MAX tokens, one prompt of up to PREFILL_GRAPH_MAX tokens as a
+graph replay, and lays the cache out position-major, each position's slots
+together, so a step's reads and writes share few memory pages; greedy launches
+there pick the next token with two more kernels, final norm + lm_head + argmax,
+without a logits tensor); quantized linears keep the module path, so they
 behave as in transformers. Only the attention over the static cache and the
 cache writes are written here. Each slot has its own position, so sequences of
 different lengths decode together and a finished slot takes a new sequence
@@ -59,6 +61,10 @@ MAX_VERIFY = 16  # tokens per slot in one verify pass at most (the last one + a 
 # Longest prompt the Triton kernels prefill: each token's attention is one program's
 # loop over its earlier positions (quadratic; SDPA's flash kernels take longer prompts).
 TRITON_PREFILL_MAX = 1024
+# One prompt of up to this many tokens prefills (on the Triton kernels) as a CUDA graph
+# replay, padded to a power of two: launching ~150 kernels from Python took ~7-10 ms on an
+# H100 host, a tenth of a 128-token reply at batch 1.
+PREFILL_GRAPH_MAX = 256
 
 
 def supported(model: Any) -> str | None:
@@ -160,10 +166,12 @@ class StaticDecoder:
         self.ban = torch.zeros(self.slots, dtype=torch.long, device=self.device)
         self._verify_buffers: tuple[Any, Any, Any] | None = None  # made on first verify
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
-        # (n, window, steps) -> (the CUDA graph, its output tensors: tokens, logits)
-        self._graphs: dict[tuple[int, int, int], tuple[Any, tuple[Any, Any]]] = {}
+        # (n, window, steps, logits) -> (the CUDA graph, its outputs: tokens, logits or
+        # None); ("prefill", width) -> (the graph, the logits of a one-prompt prefill)
+        self._graphs: dict[tuple, tuple[Any, Any]] = {}
         self._pool: Any = None
         self._host: dict[tuple[int, ...], list[Any]] = {}  # pinned buffers for `launch`
+        self._prefill_inputs: dict[int, Any] = {}  # width -> a graphed prefill's inputs
         self._lock = lock if lock is not None else threading.Lock()  # the model's, if shared
         # Plain float weights: q/k/v and gate/up become one matmul each (the modules'
         # weights turn into views of the fused tensors: no extra memory), and a decode
@@ -187,6 +195,12 @@ class StaticDecoder:
                 self.kernels = "triton"
             else:
                 self.stats["kernels_note"] = f"triton kernels off: {why}"
+        # The final norm and output embedding, for the Triton greedy head (the next tokens
+        # without logits): a plain lm_head without bias only.
+        head = getattr(self.model, "lm_head", None)
+        norm_w = getattr(getattr(self.inner, "norm", None), "weight", None)
+        self.head = ((norm_w, head.weight) if head is not None and _plain(head)
+                     and head.bias is None and norm_w is not None else None)
         # Position-major suits the Triton kernels (an H100 engine at 256 requests: 91,920
         # against 66,861 tok/s slot-major); the torch kernels' SDPA reads slot-major.
         self.kv_layout = kv_layout or ("position" if self.triton is not None else "slot")
@@ -232,22 +246,35 @@ class StaticDecoder:
 
     def warm_up(self) -> None:
         """Compile the decode layer now (n = 1, 2 and 32: each tile kind; on the Triton
-        kernels also the prefill's row blocks of 32 and 64), not on the first requests
-        (seconds each); a no-op unless compiled or on the Triton kernels (on CUDA: they
-        compile on first use). Writes only garbage: at position 0 of the first 32 slots,
-        and at positions 0..32 of slot 0."""
+        kernels also the greedy head, and the prefill's row blocks of 32 and 64, with
+        graphs each one-prompt prefill graph up to PREFILL_GRAPH_MAX tokens), not on the
+        first requests (seconds each); a no-op unless compiled or on the Triton kernels
+        (on CUDA: they compile on first use). Writes only garbage: at position 0 of the
+        first 32 slots, and at the first positions of slot 0."""
         import torch
 
         if not (self.compiled or (self.triton is not None and self.device.type == "cuda")):
             return
         with self._lock, torch.inference_mode():
-            for n in sorted({1, min(2, self.slots), min(32, self.slots)}):  # each tile kind
-                self.tokens[:n].zero_()
-                self.pos[:n].zero_()
-                self._run(n, self.window_for(0), 1)
+            while True:
+                try:
+                    for n in sorted({1, min(2, self.slots), min(32, self.slots)}):  # tile kinds
+                        for logits in (True, False):  # and the greedy head
+                            self.tokens[:n].zero_()
+                            self.pos[:n].zero_()
+                            self._run(n, self.window_for(0), 1, logits)
+                    break
+                except Exception as e:
+                    if self.triton is None:
+                        raise
+                    self._triton_failed(e)  # then again without PDL, or on the torch kernels
         if self.triton is not None and self.max_len >= 33:
             try:
-                for width in (17, 33):  # prompts of 17-32 tokens, and longer ones (or many)
+                widths = [17, 33]  # prompts of 17-32 tokens, and longer ones (or many)
+                if self.cuda_graphs:  # the one-prompt prefill graphs, which compile them too
+                    widths = [w for w in (16, 32, 64, 128, 256)
+                              if w <= min(self.max_len, PREFILL_GRAPH_MAX)]
+                for width in widths:
                     self._prefill_triton([0], [[0] * width], [width])
             except Exception as e:  # noqa: BLE001  (as in prefill: the torch kernels go on)
                 self._triton_failed(e)
@@ -346,6 +373,10 @@ class StaticDecoder:
         import torch
 
         assert self.triton is not None and self.fused is not None
+        if self.cuda_graphs and len(prompts) == 1 and lengths[0] <= PREFILL_GRAPH_MAX:
+            width = max(16, _bucket(lengths[0], PREFILL_GRAPH_MAX))
+            if width <= self.max_len:
+                return self._prefill_graphed(slots[0], prompts[0], width)
         host = torch.tensor([[t for p in prompts for t in p],
                              [j for n in lengths for j in range(n)],
                              [s for s, n in zip(slots, lengths, strict=True) for _ in range(n)]],
@@ -359,19 +390,43 @@ class StaticDecoder:
             last = torch.tensor(lengths).cumsum(0).sub_(1).to(self.device)
             return self._logits(x[last])
 
+    def _prefill_graphed(self, slot: int, prompt: Sequence[int], width: int) -> Any:
+        """`_prefill_triton` of one prompt as the replay of a graph captured per `width`
+        (a power of two >= its length): the rows past the prompt are token 0 at the
+        positions after it, in its slot, where they write keys and values no row reads
+        (the prompt's rows attend up to their own positions; decoding writes each later
+        position before attending to it)."""
+        import torch
+
+        n = len(prompt)
+        host = torch.tensor([list(prompt) + [0] * (width - n), list(range(width)),
+                             [slot] * width, [n - 1] * width], dtype=torch.long)
+        with self._lock, torch.inference_mode():
+            buffers = self._prefill_inputs.get(width)
+            if buffers is None:
+                buffers = self._prefill_inputs[width] = torch.zeros_like(host,
+                                                                         device=self.device)
+            buffers.copy_(host)
+
+            def run() -> Any:
+                assert self.triton is not None and self.fused is not None
+                ids, pos, where, last = buffers
+                x = self.inner.embed_tokens(ids)
+                for i, weights in enumerate(self.fused):
+                    x = self.triton.layer(x, weights, self.k[i], self.v[i], pos, self.cos,
+                                          self.sin, width, where)
+                return self._logits(x.index_select(0, last[:1]))
+
+            return self._replay(("prefill", width), run, (buffers,)).clone()
+
     def _step(self, n: int, window: int) -> Any:
         """One decode step for slots 0..n-1 from self.tokens/self.pos (device buffers):
         the logits [n, vocab]. Fixed shapes, no host sync: capturable."""
         import torch.nn.functional as F
 
+        if self.triton is not None:
+            return self._logits(self._hidden_triton(n, window))
         pos = self.pos[:n].clamp(max=self.max_len - 1)
-        if self.triton is not None:  # attends over each row's own length: no mask
-            assert self.fused is not None
-            x = self.inner.embed_tokens(self.tokens[:n])
-            for i, weights in enumerate(self.fused):
-                x = self.triton.layer(x, weights, self.k[i], self.v[i], pos, self.cos,
-                                      self.sin, window, self.rows[:n])
-            return self._logits(x)
         rows = self.rows[:n]
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # [n, 1, D]
         mask = (self.arange[:window][None, :] <= pos[:, None])[:, None, None, :]
@@ -402,11 +457,30 @@ class StaticDecoder:
             x = self._layer(i, layer, x, cos[:, None], sin[:, None], write, attend)
         return self._logits(x[:, 0])
 
-    def _run(self, n: int, window: int, steps: int) -> tuple[Any, Any]:
+    def _hidden_triton(self, n: int, window: int) -> Any:
+        """The last layer's output [n, hidden] for slots 0..n-1 on the Triton kernels
+        (each row attends over its own length: no mask)."""
+        assert self.triton is not None and self.fused is not None
+        pos = self.pos[:n].clamp(max=self.max_len - 1)
+        x = self.inner.embed_tokens(self.tokens[:n])
+        for i, weights in enumerate(self.fused):
+            x = self.triton.layer(x, weights, self.k[i], self.v[i], pos, self.cos, self.sin,
+                                  window, self.rows[:n])
+        return x
+
+    def _run(self, n: int, window: int, steps: int, logits: bool = True) -> tuple[Any, Any]:
         """`steps` decode steps (greedy feedback between them); (tokens [n, steps],
-        logits of the last step [n, vocab])."""
+        logits of the last step [n, vocab], or None when not `logits`: then on the Triton
+        kernels the greedy head picks the tokens without making logits)."""
         import torch
 
+        if not logits and self.triton is not None and self.head is not None:
+            chosen = torch.empty((n, steps), dtype=torch.long, device=self.device)
+            for s in range(steps):
+                self.triton.greedy_head(self._hidden_triton(n, window), *self.head, self.eos,
+                                        chosen[:, s], self.tokens[:n], self.pos[:n],
+                                        self.ban[:n])
+            return chosen, None
         out = []
         logits = None
         for s in range(steps):
@@ -437,7 +511,7 @@ class StaticDecoder:
         Only the first step's logits matter to a sampled row (then use steps=1)."""
         import torch
 
-        out, logits = self._decode(n, tokens, pos, steps, ban_eos)
+        out, logits = self._decode(n, tokens, pos, steps, ban_eos, logits=True)
         with torch.inference_mode():
             return out[:n].cpu(), logits[:n]
 
@@ -450,7 +524,7 @@ class StaticDecoder:
         never stalls the GPU between chunks."""
         import torch
 
-        out, _ = self._decode(n, tokens, pos, steps, ban_eos)
+        out, _ = self._decode(n, tokens, pos, steps, ban_eos, logits=False)
         with torch.inference_mode():
             if self.device.type != "cuda":  # no graphs: `out` is this call's own tensor
                 return Pending(out[:n], None)
@@ -465,9 +539,10 @@ class StaticDecoder:
             done.record()
             return Pending(host[:n], done)
 
-    def _decode(self, n: int, tokens: Any, pos: Any, steps: int,
-                ban_eos: Any) -> tuple[Any, Any]:
-        """The steps queued: the graph's (or eager steps') outputs for the whole bucket."""
+    def _decode(self, n: int, tokens: Any, pos: Any, steps: int, ban_eos: Any,
+                logits: bool) -> tuple[Any, Any]:
+        """The steps queued: the graph's (or eager steps') outputs for the whole bucket
+        (tokens, and the last step's logits if `logits`)."""
         import torch
 
         if not 1 <= n <= self.slots:
@@ -487,15 +562,15 @@ class StaticDecoder:
                 ban_t[:n] = torch.as_tensor(ban_eos, dtype=torch.long)
             inputs = (tok_t, pos_t, ban_t)
         with self._lock, torch.inference_mode():
-            try:
-                return self._steps(bucket, window, steps, inputs)
-            except Exception as e:
-                if self.triton is None:
-                    raise
-                self._triton_failed(e)  # a kernel failing must not fail the call
-                if inputs is None:  # the device inputs may be spent: launch again from the host
-                    raise ResumeFailed(str(e)) from e
-                return self._steps(bucket, window, steps, inputs)
+            while True:
+                try:
+                    return self._steps(bucket, window, steps, inputs, logits)
+                except Exception as e:
+                    if self.triton is None:
+                        raise
+                    self._triton_failed(e)  # a kernel failing must not fail the call
+                    if inputs is None:  # the device inputs may be spent: launch from the host
+                        raise ResumeFailed(str(e)) from e
 
     def verify(self, n: int, tokens: Sequence[Sequence[int]], pos: Sequence[int],
                ban_eos: Sequence[int] | None = None) -> list[list[int]]:
@@ -585,8 +660,8 @@ class StaticDecoder:
             logits[..., self.eos].masked_fill_(banned > 0, float("-inf"))
         return logits.argmax(-1)
 
-    def _steps(self, bucket: int, window: int, steps: int,
-               inputs: tuple | None) -> tuple[Any, Any]:
+    def _steps(self, bucket: int, window: int, steps: int, inputs: tuple | None,
+               logits: bool = True) -> tuple[Any, Any]:
         """Copy (tokens, positions, EOS bans) into the device buffers (None: they hold the
         last run's next inputs already) and run the steps: a graph replay (captured on
         first use), or eager steps without graphs."""
@@ -599,8 +674,8 @@ class StaticDecoder:
         load(blocking=False)
         if self.cuda_graphs:
             try:
-                return self._replay((bucket, window, steps),
-                                    lambda: self._run(bucket, window, steps),
+                return self._replay((bucket, window, steps, logits),
+                                    lambda: self._run(bucket, window, steps, logits),
                                     (self.tokens, self.pos, self.ban))
             except Exception as e:
                 if self.triton is not None:
@@ -608,16 +683,23 @@ class StaticDecoder:
                 self._graphs_failed(e)  # a failed capture: go on without graphs
                 load(blocking=True)
         self.stats["eager_steps"] += steps
-        return self._run(bucket, window, steps)
+        return self._run(bucket, window, steps, logits)
 
     def _triton_failed(self, error: BaseException) -> None:
-        """The torch kernels from now on; graphs captured with Triton's are dropped."""
+        """A Triton kernel failed: launch them without programmatic dependent launch from
+        now on where they used it, else the torch kernels; graphs captured with the failed
+        kernels are dropped."""
         import torch
 
-        self.triton, self.kernels = None, "torch"
+        assert self.triton is not None
+        why = f"{type(error).__name__}: {str(error)[:200]}"
+        if self.triton.uses_pdl(self.device):
+            self.triton.tiles["pdl"] = 0
+            self.stats["kernels_note"] = f"triton kernels without PDL since: {why}"
+        else:
+            self.triton, self.kernels = None, "torch"
+            self.stats["kernels_note"] = f"triton kernels failed, torch kernels since: {why}"
         self._graphs.clear()
-        self.stats["kernels_note"] = (f"triton kernels failed, torch kernels since: "
-                                      f"{type(error).__name__}: {str(error)[:200]}")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -30,6 +30,15 @@ Each row names its cache slot, so rows sharing a slot at positions 0..t-1 are a
 causal prefill of t tokens: `StaticDecoder` prefills short prompts with the same
 kernels (no padding, five launches a layer).
 
+On Hopper and later every kernel launches with programmatic dependent launch
+(PDL): it starts while the kernel before it still runs, asks L2 for its weights
+(`prefetch.global.L2`), and only then waits for that kernel's outputs, so a
+step's ~150 dependent launches overlap instead of paying each one's start-up
+and first DRAM round trip (H100, batch 1: 1,460 against 1,200 tok/s; 256 rows:
+190,750 against 164,770). `greedy_head` picks greedy tokens without logits: the
+final RMSNorm + lm_head + each vocabulary block's largest logit in one kernel, the
+row's first largest (torch.argmax's choice) in a second.
+
 On a machine without CUDA the same kernels run in Triton's interpreter (numpy):
 slow, for tests only. `compile_for_gpu` compiles them for a GPU architecture
 (e.g. sm_90) with no GPU present, which is how CI checks they lower.
@@ -45,6 +54,10 @@ try:
 except ImportError:  # CUDA builds of torch (and xgrammar) bring triton
     triton = None
     tl = None
+try:  # programmatic dependent launch (Hopper and later; triton >= 3.3)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 __all__ = ["TritonLayers", "available", "compile_for_gpu"]
 
@@ -83,6 +96,25 @@ if triton is not None:
         w = tl.load(w_ptr + cols[None, :] * K + ks[:, None],
                     mask=cmask[None, :] & kmask[:, None], other=0.0)
         return _dot(a, w, acc, UPCAST, IEEE)
+
+    @triton.jit
+    def _prefetch(w_ptr, rows, K, LINE: tl.constexpr, PF: tl.constexpr):
+        """Ask L2 for rows `rows` of w [*, K], one prefetch per 128-byte line (LINE
+        elements), PF lines a row at most: issued before the kernel waits for the one
+        before it, so its weights stream in while that one still runs."""
+        at = tl.minimum(tl.arange(0, PF) * LINE, K - 1)
+        ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + at[None, :]
+        tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l", [ptrs],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _begin(PDL: tl.constexpr):
+        """With programmatic dependent launch (PDL), this kernel may start while the one
+        before it runs: wait for it here (its outputs are this one's inputs), then let
+        the next kernel start (it prefetches its weights while this one computes)."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
 
     @triton.jit
     def _inv_rms(x_ptr, rows, rmask, eps, HIDDEN: tl.constexpr, BM: tl.constexpr,
@@ -130,7 +162,8 @@ if triton is not None:
                        HIDDEN: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                        D: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                        BK: tl.constexpr, QS: tl.constexpr, UPCAST: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, PDL: tl.constexpr = False,
+                       LINE: tl.constexpr = 64, PF: tl.constexpr = 0):
         """Grid (row blocks, (heads + 2 * kv_heads) * QS): 1/QS of one head's D outputs
         (the same columns of both rotary halves) for BM rows."""
         HALF: tl.constexpr = D // 2
@@ -141,6 +174,10 @@ if triton is not None:
         dt = x_ptr.dtype.element_ty
         half = (tl.program_id(1) % QS) * BH + tl.arange(0, BH)  # columns of the first half
         out1 = head * D + half  # this head's weight rows, first half (rotary pairs i, i + D/2)
+        if PF > 0:
+            _prefetch(w_ptr, out1, HIDDEN, LINE, PF)
+            _prefetch(w_ptr, out1 + HALF, HIDDEN, LINE, PF)
+        _begin(PDL)
         acc1, acc2 = _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, out1, out1 + HALF,
                                    half < HALF, eps, HIDDEN, BM, BH, BK, UPCAST, IEEE)
         if HAS_BIAS:
@@ -177,9 +214,11 @@ if triton is not None:
                 s_slot, s_head, s_pos,
                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
                 GROUP: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr,
-                SPLITS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                SPLITS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                PDL: tl.constexpr = False):
         """Grid (rows, kv_heads, SPLITS): the GROUP query heads of one kv head of one row
         over cached positions [split * chunk, min(pos + 1, (split + 1) * chunk))."""
+        _begin(PDL)
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -224,8 +263,9 @@ if triton is not None:
             tl.store(ml_ptr + at * 2 + 1, l_sum, mask=gmask)
 
     def _combine(part_ptr, ml_ptr, o_ptr, HEADS: tl.constexpr, D: tl.constexpr,
-                 SPLITS: tl.constexpr):
+                 SPLITS: tl.constexpr, PDL: tl.constexpr = False):
         """Grid (rows, heads): the splits of one head of one row, weighted by their maxima."""
+        _begin(PDL)
         row = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.arange(0, SPLITS)
@@ -240,10 +280,14 @@ if triton is not None:
 
     def _matmul_add(a_ptr, w_ptr, b_ptr, x_ptr, n, N: tl.constexpr, K: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                    PDL: tl.constexpr = False, LINE: tl.constexpr = 64, PF: tl.constexpr = 0):
         """x[:, cols] += a @ w[cols].T (+ bias), in place. Grid (row blocks, N / BN)."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        if PF > 0:
+            _prefetch(w_ptr, tl.minimum(cols, N - 1), K, LINE, PF)
+        _begin(PDL)
         rmask = rows < n
         cmask = cols < N
         dt = x_ptr.dtype.element_ty
@@ -265,10 +309,16 @@ if triton is not None:
     def _norm_gate_up(x_ptr, nw_ptr, w_ptr, b_ptr, h_ptr, n, eps, HIDDEN: tl.constexpr,
                       INTER: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                       BN: tl.constexpr, BK: tl.constexpr,
-                      UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                      UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
+                      LINE: tl.constexpr = 64, PF: tl.constexpr = 0):
         """h[:, cols] = silu(gate) * up of the normed rows. Grid (row blocks, INTER / BN)."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        if PF > 0:
+            at = tl.minimum(cols, INTER - 1)
+            _prefetch(w_ptr, at, HIDDEN, LINE, PF)
+            _prefetch(w_ptr, INTER + at, HIDDEN, LINE, PF)
+        _begin(PDL)
         rmask = rows < n
         cmask = cols < INTER
         dt = x_ptr.dtype.element_ty
@@ -283,8 +333,62 @@ if triton is not None:
         tl.store(h_ptr + rows[:, None] * INTER + cols[None, :], (act * up).to(dt),
                  mask=rmask[:, None] & cmask[None, :])
 
+    def _head_argmax(x_ptr, nw_ptr, w_ptr, ban_ptr, val_ptr, idx_ptr, n, eps, eos,
+                     HIDDEN: tl.constexpr, VOCAB: tl.constexpr, BM: tl.constexpr,
+                     BV: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+                     IEEE: tl.constexpr, PDL: tl.constexpr = False,
+                     LINE: tl.constexpr = 64, PF: tl.constexpr = 0):
+        """Grid (row blocks, VOCAB / BV): the final RMSNorm of BM rows times BV rows of the
+        output embedding w [VOCAB, HIDDEN], rounded to the activation dtype as the
+        lm_head's logits are; per row the block's largest logit (EOS at -inf while the
+        row's ban is > 0) and its first index, into val / idx [n, blocks]."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BV + tl.arange(0, BV)
+        rmask = rows < n
+        cmask = cols < VOCAB
+        if PF > 0:
+            _prefetch(w_ptr, tl.minimum(cols, VOCAB - 1), HIDDEN, LINE, PF)
+        _begin(PDL)
+        dt = x_ptr.dtype.element_ty
+        inv = _inv_rms(x_ptr, rows, rmask, eps, HIDDEN, BM, BK)
+        acc = tl.zeros((BM, BV), dtype=tl.float32)
+        for k0 in range(0, HIDDEN, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < HIDDEN
+            h = _normed(x_ptr, nw_ptr, rows, rmask, inv, ks, kmask, HIDDEN)
+            acc = _mac(h, w_ptr, cols, ks, cmask, kmask, HIDDEN, acc, UPCAST, IEEE)
+        logits = acc.to(dt).to(tl.float32)
+        ban = tl.load(ban_ptr + rows, mask=rmask, other=0)
+        banned = (cols[None, :] == eos) & (ban[:, None] > 0)
+        logits = tl.where(cmask[None, :] & ~banned, logits, float("-inf"))
+        best = tl.max(logits, axis=1)
+        first = tl.min(tl.where(logits == best[:, None], cols[None, :], VOCAB), axis=1)
+        blocks = tl.num_programs(1)
+        at = rows * blocks + tl.program_id(1)
+        tl.store(val_ptr + at, best, mask=rmask)
+        tl.store(idx_ptr + at, first, mask=rmask)
+
+    def _pick(val_ptr, idx_ptr, out_ptr, tok_ptr, pos_ptr, ban_ptr, s_out,
+              BLOCKS: tl.constexpr, BB: tl.constexpr, VOCAB: tl.constexpr,
+              PDL: tl.constexpr = False):
+        """Grid (rows,): the row's greedy token, the first index of its largest logit (as
+        torch.argmax picks among equal ones), into out[row * s_out] and the next step's
+        input token, whose position moves on by one; the row's EOS ban counts down."""
+        _begin(PDL)
+        row = tl.program_id(0)
+        b = tl.arange(0, BB)
+        bmask = b < BLOCKS
+        v = tl.load(val_ptr + row * BLOCKS + b, mask=bmask, other=float("-inf"))
+        i = tl.load(idx_ptr + row * BLOCKS + b, mask=bmask, other=VOCAB)
+        token = tl.min(tl.where(v == tl.max(v, axis=0), i, VOCAB), axis=0)
+        tl.store(out_ptr + row * s_out, token)
+        tl.store(tok_ptr + row, token)
+        tl.store(pos_ptr + row, tl.load(pos_ptr + row) + 1)
+        tl.store(ban_ptr + row, tl.load(ban_ptr + row) - 1)
+
     _KERNELS = {"norm_qkv_rope": _norm_qkv_rope, "attend": _attend, "combine": _combine,
-                "matmul_add": _matmul_add, "norm_gate_up": _norm_gate_up}
+                "matmul_add": _matmul_add, "norm_gate_up": _norm_gate_up,
+                "head_argmax": _head_argmax, "pick": _pick}
 
 
 @functools.cache
@@ -333,9 +437,17 @@ class TritonLayers:
         # (more programs read each head's weights in parallel); positions per attention
         # split at least. The defaults are the best of benchmarks/gpu_decode.py's sweeps
         # on an H100 (bk_small 256: 1,230 tok/s at batch 1 against 998 at 128).
+        # pdl: launch each kernel with programmatic dependent launch where the GPU has it
+        # (compute capability 9+), so it starts while the one before it runs; prefetch:
+        # such a kernel first asks L2 for its weights. bm: rows per matmul program at most.
         self.tiles = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages": 3,
                       "bk_small": 256, "warps_small": 4, "stages_small": 3, "qkv_split": 1,
-                      "min_split": 256, **(tiles or {})}
+                      "min_split": 256, "bm": 64, "pdl": 1, "prefetch": 1, "bv": 64,
+                      **(tiles or {})}
+
+    def uses_pdl(self, device: Any) -> bool:
+        """Whether kernels on `device` launch with programmatic dependent launch."""
+        return bool(self.tiles["pdl"]) and _pdl_ok(device)
 
     def splits(self, n: int, window: int) -> int:
         """Sequence splits for attention: enough programs to fill the GPU, each split at
@@ -364,19 +476,28 @@ class TritonLayers:
         flags = {"UPCAST": x.device.type != "cuda", "IEEE": x.dtype == torch.float32}
         t = self.tiles
         small = "_small" if n <= 16 else ""
-        bm = min(64, max(16, _pow2(n)))
+        bm = min(t["bm"], max(16, _pow2(n)))
         bn = t["bn_small"] if small else t["bn_large"]
         bk = _block_k(t["bk" + small], x.dtype == torch.float32)
         qs = t["qkv_split"] if small and d // 2 // t["qkv_split"] >= 16 else 1
         rows = triton.cdiv(n, bm)
-        flags.update(num_warps=t["warps" + small], num_stages=t["stages" + small])
+        pdl = self.uses_pdl(x.device)
+        chained = {"PDL": True, "launch_pdl": True} if pdl else {}
+        line = 128 // x.element_size()  # elements per 128-byte line
+
+        def lines(k: int) -> dict[str, int]:  # the weight prefetch of a kernel reducing over k
+            return {"LINE": line, "PF": _pow2(triton.cdiv(k, line))} if (
+                pdl and t["prefetch"]) else {}
+
+        flags.update(num_warps=t["warps" + small], num_stages=t["stages" + small], **chained)
         s_slot, s_head, s_pos, _ = kc.stride()
         q = torch.empty((n, heads * d), dtype=x.dtype, device=x.device)
         k["norm_qkv_rope"][(rows, (heads + 2 * kvh) * qs)](
             x, norm1, qkv_w, qkv_b if qkv_b is not None else qkv_w, cos, sin, pos, slots, q,
             kc, vc,
             n, self.eps, s_slot, s_head, s_pos, HIDDEN=hidden, HEADS=heads, KV_HEADS=kvh,
-            D=d, HAS_BIAS=qkv_b is not None, BM=bm, BK=_bk(hidden, bk), QS=qs, **flags)
+            D=d, HAS_BIAS=qkv_b is not None, BM=bm, BK=_bk(hidden, bk), QS=qs, **flags,
+            **lines(hidden))
         o = torch.empty_like(q)
         splits = self.splits(n, window)
         chunk = triton.cdiv(triton.cdiv(window, splits), _BL) * _BL
@@ -387,21 +508,67 @@ class TritonLayers:
         k["attend"][(n, kvh, splits)](
             q, kc, vc, pos, slots, o, part, ml, self.scale, chunk, s_slot, s_head, s_pos,
             HEADS=heads, KV_HEADS=kvh, D=d, GROUP=self.group, BG=max(16, _pow2(self.group)),
-            BL=_BL, SPLITS=splits, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"])
+            BL=_BL, SPLITS=splits, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"], **chained)
         if splits > 1:
-            k["combine"][(n, heads)](part, ml, o, HEADS=heads, D=d, SPLITS=splits)
+            k["combine"][(n, heads)](part, ml, o, HEADS=heads, D=d, SPLITS=splits, **chained)
         k["matmul_add"][(rows, triton.cdiv(hidden, bn))](
             o, o_w, o_b if o_b is not None else o_w, x, n, N=hidden, K=heads * d,
-            HAS_BIAS=o_b is not None, BM=bm, BN=bn, BK=_bk(heads * d, bk), **flags)
+            HAS_BIAS=o_b is not None, BM=bm, BN=bn, BK=_bk(heads * d, bk), **flags,
+            **lines(heads * d))
         h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
         k["norm_gate_up"][(rows, triton.cdiv(inter, bn))](
             x, norm2, gu_w, gu_b if gu_b is not None else gu_w, h, n, self.eps,
             HIDDEN=hidden, INTER=inter, HAS_BIAS=gu_b is not None, BM=bm, BN=bn,
-            BK=_bk(hidden, bk), **flags)
+            BK=_bk(hidden, bk), **flags, **lines(hidden))
         k["matmul_add"][(rows, triton.cdiv(hidden, bn))](
             h, down_w, down_b if down_b is not None else down_w, x, n, N=hidden, K=inter,
-            HAS_BIAS=down_b is not None, BM=bm, BN=bn, BK=_bk(inter, bk), **flags)
+            HAS_BIAS=down_b is not None, BM=bm, BN=bn, BK=_bk(inter, bk), **flags,
+            **lines(inter))
         return x
+
+    def greedy_head(self, x: Any, norm_w: Any, head_w: Any, eos: int | None, out: Any,
+                    tokens: Any, pos: Any, ban: Any) -> None:
+        """The greedy next token of each of rows 0..n-1 of x [n, hidden] (the last
+        layer's output): the final RMSNorm (weight `norm_w`), the logits against head_w
+        [vocab, hidden] rounded as the lm_head's, EOS (None: no EOS) excluded where
+        ban > 0, the first index of the largest logit; written to `out` (a column view
+        of a chunk's tokens) and `tokens`, `pos` moved on by one, `ban` counted down, in
+        place. Two kernels: no [n, vocab] logits tensor, no separate argmax."""
+        import torch
+
+        n, hidden = x.shape
+        vocab = head_w.shape[0]
+        k = _kernels(x.device)
+        t = self.tiles
+        small = "_small" if n <= 16 else ""
+        pdl = self.uses_pdl(x.device)
+        chained = {"PDL": True, "launch_pdl": True} if pdl else {}
+        line = 128 // x.element_size()
+        pf = ({"LINE": line, "PF": _pow2(triton.cdiv(hidden, line))}
+              if pdl and t["prefetch"] else {})
+        bm = min(t["bm"], max(16, _pow2(n)))
+        bv = t["bv"]
+        blocks = triton.cdiv(vocab, bv)
+        val = torch.empty((n, blocks), dtype=torch.float32, device=x.device)
+        idx = torch.empty((n, blocks), dtype=torch.int32, device=x.device)
+        k["head_argmax"][(triton.cdiv(n, bm), blocks)](
+            x, norm_w, head_w, ban, val, idx, n, self.eps, -1 if eos is None else int(eos),
+            HIDDEN=hidden, VOCAB=vocab, BM=bm, BV=bv,
+            BK=_bk(hidden, _block_k(t["bk" + small], x.dtype == torch.float32)),
+            UPCAST=x.device.type != "cuda", IEEE=x.dtype == torch.float32,
+            num_warps=t["warps" + small], num_stages=t["stages" + small], **chained, **pf)
+        k["pick"][(n,)](val, idx, out, tokens, pos, ban, out.stride(0), BLOCKS=blocks,
+                        BB=_pow2(blocks), VOCAB=vocab, **chained)
+
+
+@functools.cache
+def _pdl_ok(device: Any) -> bool:
+    """Whether kernels on `device` can use programmatic dependent launch: a CUDA GPU of
+    compute capability 9 or later (Hopper) and a triton that has it."""
+    import torch
+
+    return (device.type == "cuda" and gdc_wait is not None
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def _block_k(block: int, fp32: bool) -> int:
@@ -417,13 +584,15 @@ def _bk(k: int, block: int = 128) -> int:
 
 
 def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, heads: int = 9,
-                    kv_heads: int = 3, head_dim: int = 64, inter: int = 1536,
+                    kv_heads: int = 3, head_dim: int = 64, inter: int = 1536, vocab: int = 49152,
                     bm: int = 16, bn: int = 16, bk: int = 128, splits: int = 4,
-                    qkv_split: int = 1, warps: int = 4, stages: int = 3
-                    ) -> dict[str, dict[str, int]]:
+                    qkv_split: int = 1, warps: int = 4, stages: int = 3, pdl: bool = False
+                    ) -> dict[str, dict[str, Any]]:
     """Compile every kernel for CUDA compute capability `arch` without a GPU (Triton's
-    bundled ptxas), with the tiles `TritonLayers.layer` would pick; per kernel its
-    cubin size and shared memory in bytes. Raises if a kernel does not lower."""
+    bundled ptxas), with the tiles `TritonLayers.layer` would pick (`pdl`: launched
+    with programmatic dependent launch, the matmuls prefetching their weights); per
+    kernel its cubin size, shared memory in bytes and PTX. Raises if a kernel does
+    not lower."""
     if triton is None:
         raise ValueError("triton is not installed")
     from triton.backends.compiler import GPUTarget
@@ -434,31 +603,48 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
     group = heads // kv_heads
     flags = {"UPCAST": False, "IEEE": dtype == "fp32"}
     bk = _block_k(bk, dtype == "fp32")
+    line = 32 if dtype == "fp32" else 64
+    chained = {"PDL": pdl}
+
+    def lines(k: int) -> dict[str, int]:
+        return {"LINE": line, "PF": _pow2(-(-k // line)) if pdl else 0}
+
     jobs = {
         "norm_qkv_rope": (
             {"x_ptr": p, "nw_ptr": p, "w_ptr": p, "b_ptr": p, "cos_ptr": p, "sin_ptr": p,
              "pos_ptr": i, "slot_ptr": i, "q_ptr": p, "kc_ptr": p, "vc_ptr": p, "n": "i32",
              "eps": "fp32", "s_slot": "i32", "s_head": "i32", "s_pos": "i32"},
             {"HIDDEN": hidden, "HEADS": heads, "KV_HEADS": kv_heads, "D": head_dim,
-             "HAS_BIAS": True, "BM": bm, "BK": _bk(hidden, bk), "QS": qkv_split, **flags}),
+             "HAS_BIAS": True, "BM": bm, "BK": _bk(hidden, bk), "QS": qkv_split, **flags,
+             **chained, **lines(hidden)}),
         "attend": (
             {"q_ptr": p, "kc_ptr": p, "vc_ptr": p, "pos_ptr": i, "slot_ptr": i, "o_ptr": p,
              "part_ptr": f,
              "ml_ptr": f, "scale": "fp32", "chunk": "i32", "s_slot": "i32", "s_head": "i32",
              "s_pos": "i32"},
             {"HEADS": heads, "KV_HEADS": kv_heads, "D": head_dim, "GROUP": group,
-             "BG": max(16, _pow2(group)), "BL": _BL, "SPLITS": splits, **flags}),
+             "BG": max(16, _pow2(group)), "BL": _BL, "SPLITS": splits, **flags, **chained}),
         "combine": ({"part_ptr": f, "ml_ptr": f, "o_ptr": p},
-                    {"HEADS": heads, "D": head_dim, "SPLITS": splits}),
+                    {"HEADS": heads, "D": head_dim, "SPLITS": splits, **chained}),
         "matmul_add": (
             {"a_ptr": p, "w_ptr": p, "b_ptr": p, "x_ptr": p, "n": "i32"},
             {"N": hidden, "K": inter, "HAS_BIAS": True, "BM": bm, "BN": bn,
-             "BK": _bk(inter, bk), **flags}),
+             "BK": _bk(inter, bk), **flags, **chained, **lines(inter)}),
         "norm_gate_up": (
             {"x_ptr": p, "nw_ptr": p, "w_ptr": p, "b_ptr": p, "h_ptr": p, "n": "i32",
              "eps": "fp32"},
             {"HIDDEN": hidden, "INTER": inter, "HAS_BIAS": True, "BM": bm, "BN": bn,
-             "BK": _bk(hidden, bk), **flags}),
+             "BK": _bk(hidden, bk), **flags, **chained, **lines(hidden)}),
+        "head_argmax": (
+            {"x_ptr": p, "nw_ptr": p, "w_ptr": p, "ban_ptr": i, "val_ptr": f,
+             "idx_ptr": "*i32", "n": "i32", "eps": "fp32", "eos": "i32"},
+            {"HIDDEN": hidden, "VOCAB": vocab, "BM": bm, "BV": 64, "BK": _bk(hidden, bk),
+             **flags, **chained, **lines(hidden)}),
+        "pick": (
+            {"val_ptr": f, "idx_ptr": "*i32", "out_ptr": i, "tok_ptr": i, "pos_ptr": i,
+             "ban_ptr": i, "s_out": "i32"},
+            {"BLOCKS": -(-vocab // 64), "BB": _pow2(-(-vocab // 64)), "VOCAB": vocab,
+             **chained}),
     }
     kernels = _jitted()
     out = {}
@@ -467,8 +653,12 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
         sig = {**signature, **{c: "constexpr" for c in constexprs}}
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
         options = ({"num_warps": warps, "num_stages": stages}
-                   if name in ("norm_qkv_rope", "matmul_add", "norm_gate_up") else None)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+                   if name in ("norm_qkv_rope", "matmul_add", "norm_gate_up", "head_argmax")
+                   else {})
+        if pdl:
+            options["launch_pdl"] = True
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options=options or None)
         out[name] = {"cubin_bytes": len(compiled.asm["cubin"]),
-                     "shared_bytes": compiled.metadata.shared}
+                     "shared_bytes": compiled.metadata.shared, "ptx": compiled.asm["ptx"]}
     return out

@@ -181,7 +181,8 @@ def main() -> None:
 def decoder_tok_s(dec: Any, prompt: list[int], rows: int, count: int, steps: int,
                   sync: Any) -> float:
     """Tokens/s of `dec` alone: `rows` copies of `prompt` prefilled, then `count` tokens
-    each, `steps` per decode call; the second of two rounds (the first compiles and
+    each, `steps` per launch (greedy: as the engine decodes, without logits on the Triton
+    kernels), each launch waited for; the second of two rounds (the first compiles and
     captures)."""
     for _ in range(2):
         tokens = dec.prefill(list(range(rows)), [prompt] * rows).argmax(-1).tolist()
@@ -189,8 +190,8 @@ def decoder_tok_s(dec: Any, prompt: list[int], rows: int, count: int, steps: int
         sync()
         t0 = time.perf_counter()
         while made < count:
-            toks, _ = dec.decode(rows, tokens, [pos] * rows, steps=steps)
-            tokens, pos, made = toks[:, -1].tolist(), pos + steps, made + steps
+            toks = dec.launch(rows, tokens, [pos] * rows, steps=steps).tokens()
+            tokens, pos, made = [t[-1] for t in toks], pos + steps, made + steps
         sync()
     return round(rows * made / (time.perf_counter() - t0), 1)
 

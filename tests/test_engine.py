@@ -138,6 +138,17 @@ def test_the_wait_adapts_to_the_arrival_rate(fake_backend: FakeBackend) -> None:
     engine.close()
 
 
+def test_a_pause_before_a_burst_does_not_read_as_sparse_traffic(
+        fake_backend: FakeBackend) -> None:
+    engine = BatchingEngine(fake_backend, max_batch=6, max_wait_ms=5)
+    engine.generate([call(str(i)) for i in range(5)])  # a burst: 5 arrivals, no gaps
+    time.sleep(0.2)  # idle for 40 windows
+    engine.generate([call("the next burst's first request")])
+    # the pause counts as two windows at most, so the burst that follows is waited for
+    assert engine.window_s() == pytest.approx(0.005)
+    engine.close()
+
+
 def test_a_failing_group_fails_its_calls_only(make_backend: type[FakeBackend]) -> None:
     class Broken(FakeBackend):
         def generate(self, calls):

@@ -189,3 +189,11 @@ def test_bad_model_specs_are_clear_errors(tmp_path):
         load_model(str(tmp_path / "missing.gguf"))
     with pytest.raises(ModelNotFound, match="without config.json"):
         load_model(str(tmp_path))
+
+
+def test_decode_texts_equals_decoding_each_reply(pipeline):
+    backend = getattr(pipeline.backend, "backend", pipeline.backend)  # under a BatchingEngine
+    tok = backend.tokenizer
+    seqs = [tok("Paris is the capital of France.")["input_ids"], [tok.eos_token_id],
+            tok(" spaces  and\nnewlines, ünïcode")["input_ids"] + [tok.eos_token_id], []]
+    assert backend.decode_texts(seqs) == [tok.decode(s, skip_special_tokens=True) for s in seqs]

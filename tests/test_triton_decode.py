@@ -177,6 +177,78 @@ def test_the_decoder_with_triton_kernels_equals_transformers_greedy(kind: str,
     assert static_greedy(dec, PROMPTS, 12, 3) == [reference(model, p, 12) for p in PROMPTS]
 
 
+@kernels_run
+def test_the_greedy_head_picks_the_first_of_equal_logits_and_skips_a_banned_eos() -> None:
+    from contextwise.backends.triton_decode import TritonLayers
+
+    torch.manual_seed(0)
+    n, hidden, vocab, eps = 3, 64, 100, 1e-5  # 100: the last block of 64 is partly empty
+    x = torch.randn(n, hidden, device=DEVICE)
+    norm_w = 1 + 0.1 * torch.randn(hidden, device=DEVICE)
+    head_w = 0.2 * torch.randn(vocab, hidden, device=DEVICE)
+    h = norm_w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+    head_w[3] = head_w[70] = 10 * h[0]  # row 0: two equal largest logits, in two blocks
+    layers = TritonLayers(4, 2, 32, eps, 32 ** -0.5)
+    for eos, ban, first in ((None, [0, 0, 0], 3), (3, [1, 0, 0], 70), (3, [0, 5, 0], 3)):
+        logits = h @ head_w.T
+        if eos is not None:
+            logits[torch.tensor(ban, device=DEVICE) > 0, eos] = float("-inf")
+        want = logits.argmax(-1)  # torch: the first index of the largest
+        out = torch.zeros((n, 2), dtype=torch.long, device=DEVICE)
+        tokens = torch.zeros(n, dtype=torch.long, device=DEVICE)
+        pos = torch.tensor([4, 9, 0], device=DEVICE)
+        ban_t = torch.tensor(ban, device=DEVICE)
+        layers.greedy_head(x, norm_w, head_w, eos, out[:, 1], tokens, pos, ban_t)
+        assert out[:, 1].tolist() == tokens.tolist() == want.tolist()
+        assert want[0].item() == first  # 70 when EOS (3), the first of the two, is banned
+        assert out[:, 0].tolist() == [0, 0, 0]  # only its column
+        assert pos.tolist() == [5, 10, 1] and ban_t.tolist() == [b - 1 for b in ban]
+
+
+@kernels_run
+def test_launched_chunks_pick_greedy_tokens_without_logits() -> None:
+    model = tiny32()
+    dec = StaticDecoder(model, slots=4, max_len=512, kernels="triton", eos=2)
+    slots = list(range(len(PROMPTS)))
+    made = [[t] for t in dec.prefill(slots, PROMPTS).argmax(-1).tolist()]
+    pos = [len(p) for p in PROMPTS]
+    run = dec.launch(len(PROMPTS), [m[-1] for m in made], pos, steps=3)
+    for _ in range(3):  # chunks resumed on the device, not restarted from the host
+        for row, toks in zip(made, run.tokens(), strict=True):
+            row.extend(toks)
+        pos = [p + 3 for p in pos]
+        run = dec.launch(len(PROMPTS), None, pos, steps=3)
+    want = [reference(model, p, 10) for p in PROMPTS]
+    assert [m[:10] for m in made] == want and dec.kernels == "triton"
+
+
+@kernels_run
+def test_a_one_prompt_prefill_padded_for_its_graph_leaves_the_same_cache() -> None:
+    """The graphed one-prompt prefill pads the prompt to a power of two with rows past
+    its end; the logits and the tokens decoded after it are the unpadded prefill's."""
+    model = tiny32()
+    plain = StaticDecoder(model, slots=4, max_len=512, kernels="triton", cuda_graphs=False)
+    padded = StaticDecoder(model, slots=4, max_len=512, kernels="triton", cuda_graphs=False)
+    if not CUDA:  # the graph path without a graph: the replay runs the captured function
+        padded.cuda_graphs = True
+        padded._replay = lambda key, run, inputs: run()  # type: ignore[method-assign]
+    else:
+        padded = StaticDecoder(model, slots=4, max_len=512, kernels="triton")
+    made = {}
+    for dec in (plain, padded):
+        first = [dec.prefill([slot], [p]) for slot, p in enumerate(PROMPTS)]
+        if dec is padded:
+            for want, got in zip(made["logits"], first, strict=True):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        tokens = [int(f.argmax(-1)) for f in first]
+        out, _ = dec.decode(3, tokens, [len(p) for p in PROMPTS], steps=6)
+        made.setdefault("logits", first)
+        made[dec is padded] = out.tolist()
+    assert made[True] == made[False]
+    if CUDA:
+        assert {k[1] for k in padded._graphs if k[0] == "prefill"} == {16}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -211,9 +283,34 @@ def test_the_kernels_compile_for_an_h100() -> None:
                                   ("fp32", 64, 64, 1)):
         kernels = compile_for_gpu(90, dtype, bm=bm, bn=bn, splits=splits)
         assert set(kernels) == {"norm_qkv_rope", "attend", "combine", "matmul_add",
-                                "norm_gate_up"}
+                                "norm_gate_up", "head_argmax", "pick"}
         for name, k in kernels.items():
             assert k["cubin_bytes"] > 0 and k["shared_bytes"] <= h100_shared, (name, k)
+
+
+def test_chained_kernels_prefetch_their_weights_before_waiting() -> None:
+    """With programmatic dependent launch a kernel starts while the one before it runs:
+    it may touch only its weights (L2 prefetches) before `griddepcontrol.wait`, and
+    lets the next kernel start right after that wait."""
+    from contextwise.backends.triton_decode import compile_for_gpu
+
+    if INTERPRETED:
+        pytest.skip("the interpreter does not compile")
+    for bm, bn, splits in ((16, 16, 4), (64, 64, 1)):
+        kernels = compile_for_gpu(90, "bf16", bm=bm, bn=bn, splits=splits, pdl=True)
+        for name, k in kernels.items():
+            lines = k["ptx"].splitlines()
+            wait = next(i for i, line in enumerate(lines) if "griddepcontrol.wait" in line)
+            launch = next(i for i, line in enumerate(lines)
+                          if "griddepcontrol.launch_dependents" in line)
+            first_load = next(i for i, line in enumerate(lines) if "ld.global" in line)
+            first_store = next(i for i, line in enumerate(lines) if "st.global" in line)
+            prefetches = [i for i, line in enumerate(lines) if "prefetch.global.L2" in line]
+            assert wait < launch < first_load and wait < first_store, name
+            if name in ("norm_qkv_rope", "matmul_add", "norm_gate_up", "head_argmax"):
+                assert prefetches and max(prefetches) < wait, name
+            else:
+                assert not prefetches, name
 
 
 @pytest.mark.slow
@@ -223,7 +320,7 @@ def test_the_kernels_in_the_interpreter() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
          "-k", "layer_equals or decoder_with_triton or attention_splits or small_batch_tiles"
-         " or triton_prefill"],
+         " or triton_prefill or greedy_head or launched_chunks or padded_for_its_graph"],
         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
