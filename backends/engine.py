@@ -8,8 +8,12 @@ Every call goes through one bounded queue (a full queue raises `Overloaded` at
 once, it never grows without end) to one worker thread, which takes up to
 `max_batch` requests at a time and runs them:
 
-- Waiting: after the first request the worker waits up to `max_wait_ms` for
-  more. It adapts to the arrival rate: when the last batch filled up it waits
+- Waiting: after the first request the worker waits for more until
+  `max_wait_ms` pass without one (so a burst is taken whole, not cut where
+  its first request's window ends: 256 callers' threads took more than 20 ms to
+  arrive on the H100 host), at most `_BURST_WINDOWS` windows after the first,
+  and no longer once `max_batch` are queued. It adapts to the arrival rate:
+  when the last batch filled up it waits
   the full window; when requests arrive further apart than the window (an
   EWMA of the gaps, each counted as two windows at most: the pause before a
   burst is not a slow arrival rate) it does not wait at all and takes what is
@@ -80,6 +84,7 @@ MIN_STATIC_LEN = 1024  # slots get no shorter than this when the KV budget is ti
 
 _ALPHA = 0.3  # weight of the newest inter-arrival gap in the rate estimate
 _GAP_CAP = 2  # gaps count as at most this many windows: an idle pause is not an arrival rate
+_BURST_WINDOWS = 4  # a burst still arriving is waited for up to this many windows in all
 
 
 @dataclass(eq=False)
@@ -93,8 +98,9 @@ class _Request:
 class BatchingEngine(Backend):
     """A `Backend` that queues calls and runs them in dynamic batches on `backend`.
 
-    `max_batch` requests at most per batch; `max_wait_ms` the longest wait for
-    more after the first; `max_queue` requests waiting at most (then
+    `max_batch` requests at most per batch; `max_wait_ms` how long the worker
+    waits for another request before it runs what is queued (4 windows after the
+    first at most); `max_queue` requests waiting at most (then
     `Overloaded`); the worker thread exits after `idle_exit_s` without work and
     starts again on the next call. Attributes the engine lacks (`model`,
     `tokenizer`, `loaded`, `prefix_cache`...) are the wrapped backend's.
@@ -271,9 +277,10 @@ class BatchingEngine(Backend):
                     return None
             window = self.window_s() if self.max_batch > 1 else 0.0
             self._stats["waits" if window > 0 else "no_waits"] += 1
-            deadline = self._queue[0].t_in + window
+            latest = self._queue[0].t_in + _BURST_WINDOWS * window
             while len(self._queue) < self.max_batch and not self._closed:
-                left = deadline - time.perf_counter()
+                # a window after the newest arrival: quiet that long, the burst is over
+                left = min(self._queue[-1].t_in + window, latest) - time.perf_counter()
                 if left <= 0:
                     break
                 self._cond.wait(left)

@@ -259,10 +259,11 @@ class StaticDecoder:
             while True:
                 try:
                     for n in sorted({1, min(2, self.slots), min(32, self.slots)}):  # tile kinds
-                        for logits in (True, False):  # and the greedy head
+                        for logits in (True, False):  # and the greedy head (2 steps: triton
+                            # specializes an int that is 1, as a 1-step launch's stride is)
                             self.tokens[:n].zero_()
                             self.pos[:n].zero_()
-                            self._run(n, self.window_for(0), 1, logits)
+                            self._run(n, self.window_for(0), 1 if logits else 2, logits)
                     break
                 except Exception as e:
                     if self.triton is None:
@@ -270,12 +271,14 @@ class StaticDecoder:
                     self._triton_failed(e)  # then again without PDL, or on the torch kernels
         if self.triton is not None and self.max_len >= 33:
             try:
-                widths = [17, 33]  # prompts of 17-32 tokens, and longer ones (or many)
-                if self.cuda_graphs:  # the one-prompt prefill graphs, which compile them too
-                    widths = [w for w in (16, 32, 64, 128, 256)
-                              if w <= min(self.max_len, PREFILL_GRAPH_MAX)]
-                for width in widths:
-                    self._prefill_triton([0], [[0] * width], [width])
+                # Two prompts (never a graph) of 17 and 33 rows in all: each row block, at
+                # a row count that is not a multiple of 16 (triton specializes ints that are)
+                for width in (17, 33):
+                    self._prefill_triton([0, 0], [[0] * (width - 8), [0] * 8], [width - 8, 8])
+                if self.cuda_graphs:  # the one-prompt prefill graphs
+                    for width in (16, 32, 64, 128, 256):
+                        if width <= min(self.max_len, PREFILL_GRAPH_MAX):
+                            self._prefill_triton([0], [[0] * width], [width])
             except Exception as e:  # noqa: BLE001  (as in prefill: the torch kernels go on)
                 self._triton_failed(e)
 

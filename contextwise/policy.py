@@ -299,7 +299,8 @@ class Local(_Strict):
         "device (an H100 ran 256 concurrent requests at 11x plain generate's tokens/s)"
     )
     max_wait_ms: float = Field(
-        5, ge=0, description="how long a batch waits for more requests after the first"
+        5, ge=0, description="how long a batch waits for another request before it runs "
+        "(a burst still arriving: up to 4 such windows after its first request)"
     )
     max_queue: int = Field(
         256, ge=1, description="requests waiting at most; then calls fail with Overloaded"
@@ -328,8 +329,8 @@ class Local(_Strict):
         "prompts of up to 1,024 tokens). 'triton': five fused Triton kernels a layer "
         "(norm+qkv+rotary+cache write, attention over each row's own length, o+residual, "
         "norm+gate/up+SiLU, down+residual); on an H100 the engine served the 135M model at "
-        "1,121.5 tok/s to one request (torch kernels: 442.8) and 87,356 tok/s to 256 "
-        "concurrent ones (torch kernels: 29,579). Needs CUDA, a llama/mistral/qwen2 model "
+        "1,515.3 tok/s to one request (torch kernels: 423.6) and 86,968 tok/s to 256 "
+        "concurrent ones (torch kernels: 40,813). Needs CUDA, a llama/mistral/qwen2 model "
         "with plain float weights and head_dim a power of two >= 32; otherwise the torch "
         "kernels run and stats() says why. 'torch': PyTorch ops (~28 kernels a layer). "
         "'auto': triton on CUDA unless compile_decode, else torch"
