@@ -439,7 +439,8 @@ class TritonLayers:
         # on an H100 (bk_small 256: 1,230 tok/s at batch 1 against 998 at 128).
         # pdl: launch each kernel with programmatic dependent launch where the GPU has it
         # (compute capability 9+), so it starts while the one before it runs; prefetch:
-        # such a kernel first asks L2 for its weights. bm: rows per matmul program at most.
+        # such a kernel first asks L2 for its weights. bm: rows per matmul program at most;
+        # bv: vocabulary rows per program of the greedy head.
         self.tiles = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages": 3,
                       "bk_small": 256, "warps_small": 4, "stages_small": 3, "qkv_split": 1,
                       "min_split": 256, "bm": 64, "pdl": 1, "prefetch": 1, "bv": 64,
@@ -448,6 +449,19 @@ class TritonLayers:
     def uses_pdl(self, device: Any) -> bool:
         """Whether kernels on `device` launch with programmatic dependent launch."""
         return bool(self.tiles["pdl"]) and _pdl_ok(device)
+
+    def _chaining(self, x: Any) -> tuple[dict[str, Any], Any]:
+        """Launch options for kernels over x: with PDL its constexpr and launch flag, and a
+        function giving the weight prefetch (LINE, PF) of a kernel reducing over k."""
+        pdl = self.uses_pdl(x.device)
+        line = 128 // x.element_size()  # elements per 128-byte line
+
+        def prefetch(k: int) -> dict[str, int]:
+            if not (pdl and self.tiles["prefetch"]):
+                return {}
+            return {"LINE": line, "PF": _pow2(triton.cdiv(k, line))}
+
+        return ({"PDL": True, "launch_pdl": True} if pdl else {}), prefetch
 
     def splits(self, n: int, window: int) -> int:
         """Sequence splits for attention: enough programs to fill the GPU, each split at
@@ -481,14 +495,7 @@ class TritonLayers:
         bk = _block_k(t["bk" + small], x.dtype == torch.float32)
         qs = t["qkv_split"] if small and d // 2 // t["qkv_split"] >= 16 else 1
         rows = triton.cdiv(n, bm)
-        pdl = self.uses_pdl(x.device)
-        chained = {"PDL": True, "launch_pdl": True} if pdl else {}
-        line = 128 // x.element_size()  # elements per 128-byte line
-
-        def lines(k: int) -> dict[str, int]:  # the weight prefetch of a kernel reducing over k
-            return {"LINE": line, "PF": _pow2(triton.cdiv(k, line))} if (
-                pdl and t["prefetch"]) else {}
-
+        chained, lines = self._chaining(x)
         flags.update(num_warps=t["warps" + small], num_stages=t["stages" + small], **chained)
         s_slot, s_head, s_pos, _ = kc.stride()
         q = torch.empty((n, heads * d), dtype=x.dtype, device=x.device)
@@ -541,11 +548,7 @@ class TritonLayers:
         k = _kernels(x.device)
         t = self.tiles
         small = "_small" if n <= 16 else ""
-        pdl = self.uses_pdl(x.device)
-        chained = {"PDL": True, "launch_pdl": True} if pdl else {}
-        line = 128 // x.element_size()
-        pf = ({"LINE": line, "PF": _pow2(triton.cdiv(hidden, line))}
-              if pdl and t["prefetch"] else {})
+        chained, lines = self._chaining(x)
         bm = min(t["bm"], max(16, _pow2(n)))
         bv = t["bv"]
         blocks = triton.cdiv(vocab, bv)
@@ -556,7 +559,8 @@ class TritonLayers:
             HIDDEN=hidden, VOCAB=vocab, BM=bm, BV=bv,
             BK=_bk(hidden, _block_k(t["bk" + small], x.dtype == torch.float32)),
             UPCAST=x.device.type != "cuda", IEEE=x.dtype == torch.float32,
-            num_warps=t["warps" + small], num_stages=t["stages" + small], **chained, **pf)
+            num_warps=t["warps" + small], num_stages=t["stages" + small], **chained,
+            **lines(hidden))
         k["pick"][(n,)](val, idx, out, tokens, pos, ban, out.stride(0), BLOCKS=blocks,
                         BB=_pow2(blocks), VOCAB=vocab, **chained)
 
