@@ -475,20 +475,22 @@ class BatchingEngine(Backend):
             with self._cond:
                 if not self._queue or self._closed:
                     break
-                r = self._queue.popleft()
-            if not r.future.set_running_or_notify_cancel():
-                continue
-            try:
-                key = self._key(r)
-            except Exception as e:  # noqa: BLE001  (the caller gets it)
-                r.future.set_exception(e)
-                continue
-            if key[0] == "single" or runner is None or not self._fits(runner, r):
-                self._run_single(r)
-            else:
-                with self._cond:
-                    self._stats["batched_calls"] += 1
-                out.append(r)
+                taken = [self._queue.popleft()
+                         for _ in range(min(limit - len(out), len(self._queue)))]
+            taken = [r for r in taken if r.future.set_running_or_notify_cancel()]
+            self._encode(taken)  # the late part of a burst: one tokenizer call too
+            for r in taken:
+                try:
+                    key = self._key(r)
+                except Exception as e:  # noqa: BLE001  (the caller gets it)
+                    r.future.set_exception(e)
+                    continue
+                if key[0] == "single" or runner is None or not self._fits(runner, r):
+                    self._run_single(r)
+                else:
+                    with self._cond:
+                        self._stats["batched_calls"] += 1
+                    out.append(r)
         return out
 
     def _finish(self, r: _Request, reply: Reply | None = None,
