@@ -16,7 +16,7 @@ generation_config.min_new_tokens, which both paths honour). In one process:
    cache, decode steps replayed as CUDA graphs, `decode_steps` greedy tokens per
    replay, chunks launched one ahead): one request (`gpu_bs1_tok_s`) and N
    concurrent callers (`gpu_256_tok_s`, latency p50/p95), after a warm-up that
-   captures the graphs;
+   captures the graphs: the median of 3 timed rounds (all 3 in `*_rounds_tok_s`);
 3. the same engine on the PyTorch kernels (`*_torch` keys; --no-torch skips it),
    and the Triton decoder alone at batch 1 for a few tile settings;
 4. the decoder alone, each kind of kernels: batch 1 with 8 and 1 steps per
@@ -248,10 +248,13 @@ def other_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
     save()
 
 
-def warm_and_time(eng: Any, qs: list[str], new: int, sync: Any,
-                  after_warm_up: Any = None) -> tuple[list[float], float, float]:
+def warm_and_time(eng: Any, qs: list[str], new: int, sync: Any, after_warm_up: Any = None,
+                  rounds: int = 1, times: list[float] | None = None
+                  ) -> tuple[list[float], float, float]:
     """(latencies, seconds, warm-up seconds) of `qs` through `eng`, timed after one
-    warm-up round (it compiles and captures the graphs; `after_warm_up(eng)` runs then)."""
+    warm-up round (it compiles and captures the graphs; `after_warm_up(eng)` runs then):
+    the median of `rounds` timed rounds (each round's seconds appended to `times`; runs
+    of the same code vary by several percent on a lent GPU host)."""
     from benchmarks import backend as bb
 
     t0 = time.perf_counter()
@@ -259,8 +262,14 @@ def warm_and_time(eng: Any, qs: list[str], new: int, sync: Any,
     warm_s = time.perf_counter() - t0
     if after_warm_up is not None:
         after_warm_up(eng)
-    sync()
-    _, lat, secs = bb.concurrent(eng, qs, new)
+    runs = []
+    for _ in range(rounds):
+        sync()
+        _, lat, secs = bb.concurrent(eng, qs, new)
+        runs.append((secs, lat))
+    if times is not None:
+        times.extend(secs for secs, _ in runs)
+    secs, lat = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     return lat, secs, warm_s
 
 
@@ -299,16 +308,20 @@ def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any]
     # 2. the static engine: batch 1, then n concurrent callers
     with bb.min_new_tokens(model, new):
         eng = engine_for(plain, 1, kv_cache_mb=1024, **engine_kw)
-        _, secs, _ = warm_and_time(eng, questions[:1], new, sync)
-        out["gpu_bs1_tok_s"] = round(new / secs, 1)
+        times: list[float] = []
+        _, secs, _ = warm_and_time(eng, questions[:1], new, sync, rounds=3, times=times)
+        out["gpu_bs1_tok_s"] = round(new / secs, 1)  # the median of 3 rounds
+        out["gpu_bs1_rounds_tok_s"] = [round(new / t, 1) for t in times]
         out["gpu_bs1_stats"] = eng.stats().get("static")
         eng.close()
         log(f"static engine bs1: {out['gpu_bs1_tok_s']} tok/s")
         save()
         eng = engine_for(plain, n, **engine_kw)
-        lat, secs, _ = warm_and_time(eng, questions, new, sync)
+        times = []
+        lat, secs, _ = warm_and_time(eng, questions, new, sync, rounds=3, times=times)
         out.update({
-            "gpu_256_tok_s": round(n * new / secs, 1),
+            "gpu_256_tok_s": round(n * new / secs, 1),  # the median of 3 rounds
+            "gpu_256_rounds_tok_s": [round(n * new / t, 1) for t in times],
             "gpu_256_latency_p50_s": round(statistics.median(lat), 3),
             "gpu_256_latency_p95_s": round(bb.percentile(lat, 95), 3),
             "gpu_256_stats": eng.stats().get("static"),
