@@ -140,13 +140,13 @@ def test_the_wait_adapts_to_the_arrival_rate(fake_backend: FakeBackend) -> None:
 
 def test_a_burst_arriving_slower_than_the_window_is_taken_whole(
         fake_backend: FakeBackend) -> None:
-    engine = BatchingEngine(fake_backend, max_batch=16, max_wait_ms=40)
+    engine = BatchingEngine(fake_backend, max_batch=32, max_wait_ms=100)
     futures = []
-    for i in range(10):  # 10 ms apart: 90 ms in all, past the first request's window
+    for i in range(20):  # 10 ms apart: 190 ms in all, past the first request's window
         futures += engine.submit([call(f"burst {i}")])
         time.sleep(0.01)
-    assert [f.result(30).text for f in futures] == [f"burst {i}" for i in range(10)]
-    assert [len(b) for b in fake_backend.batches] == [10]  # not cut after 40 ms
+    assert [f.result(30).text for f in futures] == [f"burst {i}" for i in range(20)]
+    assert [len(b) for b in fake_backend.batches] == [20]  # not cut after 100 ms
     engine.close()
 
 
