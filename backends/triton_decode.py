@@ -143,9 +143,10 @@ if triton is not None:
     @triton.jit
     def _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, cols1, cols2, cmask, eps,
                       HIDDEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                      BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                      TWO: tl.constexpr = True):
         """The normed rows times two sets of weight rows (w [out, HIDDEN]): (h @ w[cols1].T,
-        h @ w[cols2].T), float32 [BM, BN] each."""
+        h @ w[cols2].T), float32 [BM, BN] each; without TWO the first only (and zeros)."""
         inv = _inv_rms(x_ptr, rows, rmask, eps, HIDDEN, BM, BK)
         acc1 = tl.zeros((BM, BN), dtype=tl.float32)
         acc2 = tl.zeros((BM, BN), dtype=tl.float32)
@@ -154,7 +155,8 @@ if triton is not None:
             kmask = ks < HIDDEN
             h = _normed(x_ptr, nw_ptr, rows, rmask, inv, ks, kmask, HIDDEN)
             acc1 = _mac(h, w_ptr, cols1, ks, cmask, kmask, HIDDEN, acc1, UPCAST, IEEE)
-            acc2 = _mac(h, w_ptr, cols2, ks, cmask, kmask, HIDDEN, acc2, UPCAST, IEEE)
+            if TWO:
+                acc2 = _mac(h, w_ptr, cols2, ks, cmask, kmask, HIDDEN, acc2, UPCAST, IEEE)
         return acc1, acc2
 
     def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
@@ -350,13 +352,8 @@ if triton is not None:
             _prefetch(w_ptr, tl.minimum(cols, VOCAB - 1), HIDDEN, LINE, PF)
         _begin(PDL)
         dt = x_ptr.dtype.element_ty
-        inv = _inv_rms(x_ptr, rows, rmask, eps, HIDDEN, BM, BK)
-        acc = tl.zeros((BM, BV), dtype=tl.float32)
-        for k0 in range(0, HIDDEN, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < HIDDEN
-            h = _normed(x_ptr, nw_ptr, rows, rmask, inv, ks, kmask, HIDDEN)
-            acc = _mac(h, w_ptr, cols, ks, cmask, kmask, HIDDEN, acc, UPCAST, IEEE)
+        acc, _ = _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, cols, cols, cmask, eps,
+                               HIDDEN, BM, BV, BK, UPCAST, IEEE, TWO=False)
         logits = acc.to(dt).to(tl.float32)
         ban = tl.load(ban_ptr + rows, mask=rmask, other=0)
         banned = (cols[None, :] == eos) & (ban[:, None] > 0)
@@ -454,12 +451,11 @@ class TritonLayers:
         """Launch options for kernels over x: with PDL its constexpr and launch flag, and a
         function giving the weight prefetch (LINE, PF) of a kernel reducing over k."""
         pdl = self.uses_pdl(x.device)
-        line = 128 // x.element_size()  # elements per 128-byte line
 
         def prefetch(k: int) -> dict[str, int]:
             if not (pdl and self.tiles["prefetch"]):
                 return {}
-            return {"LINE": line, "PF": _pow2(triton.cdiv(k, line))}
+            return _prefetch_lines(k, x.element_size())
 
         return ({"PDL": True, "launch_pdl": True} if pdl else {}), prefetch
 
@@ -565,6 +561,13 @@ class TritonLayers:
                         BB=_pow2(blocks), VOCAB=vocab, **chained)
 
 
+def _prefetch_lines(k: int, element_size: int) -> dict[str, int]:
+    """A kernel's weight prefetch over rows of k elements: LINE elements per 128-byte
+    line, PF (a power of two) lines a row."""
+    line = 128 // element_size
+    return {"LINE": line, "PF": _pow2(-(-k // line))}
+
+
 @functools.cache
 def _pdl_ok(device: Any) -> bool:
     """Whether kernels on `device` can use programmatic dependent launch: a CUDA GPU of
@@ -607,11 +610,11 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
     group = heads // kv_heads
     flags = {"UPCAST": False, "IEEE": dtype == "fp32"}
     bk = _block_k(bk, dtype == "fp32")
-    line = 32 if dtype == "fp32" else 64
     chained = {"PDL": pdl}
 
     def lines(k: int) -> dict[str, int]:
-        return {"LINE": line, "PF": _pow2(-(-k // line)) if pdl else 0}
+        spec = _prefetch_lines(k, 4 if dtype == "fp32" else 2)
+        return spec if pdl else {**spec, "PF": 0}  # PF 0: no prefetch
 
     jobs = {
         "norm_qkv_rope": (
