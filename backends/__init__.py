@@ -52,7 +52,8 @@ def build_backend(spec: Local, budget: Budget) -> Backend:
                               decode_steps=spec.decode_steps, cuda_graphs=spec.cuda_graphs,
                               kv_cache_mb=spec.kv_cache_mb,
                               compile_decode=spec.compile_decode,
-                              decode_kernels=spec.decode_kernels)
+                              decode_kernels=spec.decode_kernels,
+                              reuse_prefixes=spec.reuse_prefixes)
     return backend
 
 

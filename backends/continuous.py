@@ -9,6 +9,16 @@ finished rows hand back their Reply at once and free their slot, and requests
 that arrived meanwhile are admitted, so a long reply never holds the others
 back and new requests do not wait for the batch to drain.
 
+Prefix reuse (`reuse_prefixes`): a slot's cache still holds its last prompt's keys
+and values after the row ends (`slot_prefixes.SlotPrefixes` tracks which tokens,
+and forgets a slot once a pass writes it from position 0). A new row whose
+prompt starts with whole 16-token blocks of what a slot holds prefills only the
+rest: in place when the slot is its own, else after `StaticDecoder.copy_prefix`
+from a slot no new row takes. New rows sharing more blocks among themselves get
+that prefix prefilled once, in one row's slot, and copied to the others. The
+keys and values reused are the ones the same tokens would get again (causal
+attention: a position depends only on the tokens up to it).
+
 Per row: its own max_tokens, stop strings, EOS, stream (`on_delta`, held back
 like the single path so deltas add up to the final text) and cancellation
 (its `on_delta` raising stops that row only). Tokens a chunk decodes past a
@@ -26,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from contextwise.backends.slot_prefixes import SlotPrefixes
 from contextwise.backends.static_decode import MAX_VERIFY, Pending, ResumeFailed, StaticDecoder
 
 if TYPE_CHECKING:
@@ -34,6 +45,10 @@ if TYPE_CHECKING:
 __all__ = ["ContinuousRunner", "PromptLookup", "Row"]
 
 _PREFILL_TOKENS = 16384  # padded prompt tokens per prefill pass at most (activation memory)
+# cached positions one prefill pass after reused prefixes attends over at most: the torch
+# kernels gather each slot's attention window
+_PREFILL_READS = 4 * _PREFILL_TOKENS
+_PREFIX_BLOCK = 16  # prompt prefixes are found, shared and reused in blocks of this many tokens
 
 
 @dataclass(eq=False)
@@ -113,6 +128,7 @@ class _Active(Row):
     draft_k: int = 0  # tokens to draft next (adapts to what gets accepted)
     drafted: int = 0
     accepted: int = 0
+    blocks: list[int] | None = None  # the prompt's block hashes (prefix reuse), once made
 
     @property
     def eos_banned(self) -> int:
@@ -175,7 +191,8 @@ class ContinuousRunner:
                  poll: Callable[[int], list[Any]],
                  decode_text: Callable[[list[int]], str],
                  speculate: int = 0, speculate_rows: int = 4, run_ahead: bool = True,
-                 decode_texts: Callable[[list[list[int]]], list[str]] | None = None):
+                 decode_texts: Callable[[list[list[int]]], list[str]] | None = None,
+                 reuse_prefixes: bool = True):
         self.decoder = decoder
         self.eos = eos
         self.steps = max(1, int(steps))
@@ -190,7 +207,12 @@ class ContinuousRunner:
         self.speculate_rows = int(speculate_rows)
         self.run_ahead = bool(run_ahead)  # launch the next greedy chunk before taking one's
         self.stats: dict[str, Any] = {"chunks": 0, "resumed": 0, "tokens": 0, "admitted": 0,
-                                      "largest_active": 0, "prefill_s": 0.0, "decode_s": 0.0}
+                                      "largest_active": 0, "prefill_s": 0.0, "decode_s": 0.0,
+                                      "prefill_tokens": 0}
+        # what each slot's cache holds, for prompts that start the same way
+        self.prefixes = SlotPrefixes(_PREFIX_BLOCK) if reuse_prefixes else None
+        if self.prefixes is not None:
+            self.stats.update(reused_tokens=0, copied_tokens=0)
         if self.speculate:
             self.stats.update(verify_passes=0, drafted=0, accepted=0)
 
@@ -225,6 +247,8 @@ class ContinuousRunner:
                 if self.free:
                     pending.extend(self.poll(len(self.free) - len(pending)))
         except Exception as e:  # noqa: BLE001  (each caller gets it; the engine goes on)
+            if self.prefixes is not None:  # a pass stopped midway: trust no slot's content
+                self.prefixes.clear()
             for r in list(self.active.values()):
                 r.error = e
                 self._finish(r)
@@ -243,21 +267,28 @@ class ContinuousRunner:
         if not rows:
             return
         self.stats["admitted"] += len(rows)
-        rows.sort(key=lambda r: r.n_prompt)  # similar lengths share a pass: less padding
+        starts = self._reuse(rows)
+        rows.sort(key=lambda r: r.n_prompt - starts[r])  # similar lengths: less padding
         group: list[_Active] = []
+        longest = 0
         for row in rows:
-            if group and (len(group) + 1) * row.n_prompt > _PREFILL_TOKENS:
-                self._prefill(group)
-                group = []
+            longest = max(longest, row.n_prompt)
+            if group and ((len(group) + 1) * (row.n_prompt - starts[row]) > _PREFILL_TOKENS
+                          or (len(group) + 1) * longest > _PREFILL_READS):
+                self._prefill(group, starts)
+                group, longest = [], row.n_prompt
             group.append(row)
-        self._prefill(group)
+        self._prefill(group, starts)
 
-    def _prefill(self, rows: list[_Active]) -> None:
+    def _prefill(self, rows: list[_Active], starts: dict[_Active, int]) -> None:
         t0 = time.perf_counter()
         try:
-            logits = self.decoder.prefill([r.slot for r in rows], [r.ids for r in rows])
+            logits = self.decoder.prefill([r.slot for r in rows], [r.ids for r in rows],
+                                          [starts[r] for r in rows])
         except Exception as e:  # noqa: BLE001  (these callers get it; the others go on)
             for r in rows:
+                if self.prefixes is not None:
+                    self.prefixes.drop(r.slot)
                 r.error = e
                 self._finish(r)
             return
@@ -268,10 +299,94 @@ class ContinuousRunner:
         first = self._choose(rows, logits)
         self.stats["prefill_s"] += time.perf_counter() - t0
         for r, token in zip(rows, first, strict=True):
+            self.stats["prefill_tokens"] += r.n_prompt - starts[r]
+            if self.prefixes is not None:
+                self.prefixes.put(r.slot, r.ids, r.blocks)
             self.active[r.slot] = r
             r.pos = r.n_prompt - 1  # the prompt's last token; the first new one comes next
             self._advance(r, [token])
         self.stats["largest_active"] = max(self.stats["largest_active"], len(self.active))
+
+    # -- prefix reuse
+
+    def _reuse(self, rows: list[_Active]) -> dict[_Active, int]:
+        """Each new row's first position to prefill (0 without reuse). A row whose prompt
+        starts with whole blocks of what a slot holds starts past them: in place when
+        that slot is its own, else after a copy of those positions (from a slot no new
+        row takes: its content stays). Rows sharing a longer prefix among themselves get
+        it prefilled once, then copied (`_share`). At least the last prompt token is
+        always prefilled (its logits give the first new token)."""
+        starts = {r: 0 for r in rows}
+        if self.prefixes is None:
+            return starts
+        taken = {r.slot for r in rows}
+        copies = []
+        try:
+            for r in rows:
+                r.blocks = self.prefixes.chain(r.ids)  # hashed once: matched, then put
+                slot, n = self.prefixes.match(r.ids, exclude=taken - {r.slot}, prefer=r.slot,
+                                              keys=r.blocks)
+                n = min(n, r.n_prompt - 1)
+                if slot is None or n < _PREFIX_BLOCK:
+                    continue
+                starts[r] = n
+                if slot != r.slot:
+                    copies.append((slot, r.slot, n))
+            if copies:
+                self.decoder.copy_prefix(copies)
+            shared = self._share(rows, starts)
+        except Exception:  # noqa: BLE001  (a failed copy costs the reuse, not the requests)
+            for r in rows:
+                self.prefixes.drop(r.slot)
+            return {r: 0 for r in rows}
+        # prefill_tokens + reused_tokens = the prompts' tokens
+        self.stats["reused_tokens"] += sum(starts.values()) - shared
+        self.stats["copied_tokens"] += sum(n for _, _, n in copies)
+        return starts
+
+    def _share(self, rows: list[_Active], starts: dict[_Active, int]) -> int:
+        """Rows whose prompts share more whole blocks with each other than any of them
+        reuses: the shared prefix is prefilled once (in the slot of the row holding the
+        most of it) and copied into the others' slots, whose starts move past it.
+        Returns the tokens prefilled for that."""
+        b = _PREFIX_BLOCK
+        ordered = sorted(rows, key=lambda r: r.ids)  # shared prefixes end up adjacent
+        runs: list[tuple[list[_Active], int]] = []
+        for prev, cur in zip(ordered, ordered[1:]):
+            limit = min(prev.n_prompt, cur.n_prompt) - 1
+            common = min(_common_prefix(prev.ids, cur.ids), limit) // b * b
+            if common < b:
+                continue
+            if runs and runs[-1][0][-1] is prev:
+                members, shared = runs[-1]
+                runs[-1] = (members + [cur], min(shared, common))
+            else:
+                runs.append(([prev, cur], common))
+        prefill: list[tuple[_Active, int, int]] = []  # (row, from, to)
+        copies: list[tuple[int, int, int]] = []
+        for members, shared in runs:
+            gainers = [r for r in members if starts[r] < shared]
+            if not gainers:
+                continue
+            leader = max(members, key=lambda r: starts[r])  # holds the most of it already
+            if starts[leader] < shared:  # then every member gains: two at least
+                prefill.append((leader, starts[leader], shared))
+            for r in gainers:
+                if r is not leader:
+                    copies.append((leader.slot, r.slot, shared))
+                starts[r] = shared
+        if prefill:
+            t0 = time.perf_counter()
+            self.decoder.prefill([r.slot for r, _, _ in prefill],
+                                 [r.ids[:end] for r, _, end in prefill],
+                                 [start for _, start, _ in prefill])
+            self.stats["prefill_s"] += time.perf_counter() - t0
+        if copies:
+            self.decoder.copy_prefix(copies)
+            self.stats["copied_tokens"] += sum(n for _, _, n in copies)
+        done = sum(end - start for _, start, end in prefill)
+        self.stats["prefill_tokens"] += done
+        return done
 
     # -- decoding
 
@@ -285,6 +400,7 @@ class ContinuousRunner:
                 self._verify_chunk(drafts)
                 return None
         n = max(self.active) + 1
+        self._dormant(n)
         tokens = [0] * n
         pos = [0] * n
         ban = [0] * n
@@ -304,6 +420,16 @@ class ContinuousRunner:
         for r, token in zip(rows, picks, strict=True):
             self._advance(r, [token])
         return None
+
+    def _dormant(self, n: int) -> None:
+        """A pass over slots 0..n-1 runs its whole bucket, and a slot there without an
+        active row takes a token at position 0 (and on, when resumed): what it held is
+        gone for prefix reuse."""
+        if self.prefixes is None:
+            return
+        for slot in range(self.decoder.bucket(n)):
+            if slot not in self.active:
+                self.prefixes.drop(slot)
 
     def _go_on(self, flight: _Flight, pending: deque[Any]) -> bool:
         """Whether to launch the chunk after `flight` before taking its tokens: not when
@@ -361,6 +487,7 @@ class ContinuousRunner:
         """One verify pass: each row keeps its draft up to the first token the model would
         not have chosen, plus the model's choice there."""
         n = max(self.active) + 1
+        self._dormant(n)
         t = 1 + max(len(d) for d in drafts.values())
         tokens = [[0] * t for _ in range(n)]
         pos = [0] * n
@@ -435,3 +562,16 @@ def _sample(logits: Any, top_p: Any) -> Any:
     sorted_p = sorted_p * keep
     choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1)
     return order.gather(-1, choice)[:, 0]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many first tokens `a` and `b` share (bisection over slice comparisons, which
+    run in C: a 2,000-token system prompt costs a dozen of them, not 2,000 steps)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -22,7 +22,8 @@ once, it never grows without end) to one worker thread, which takes up to
   with the same temperature and top_p and no seed) share one padded
   `model.generate` (left padding, attention mask). Calls that need grammar-
   constrained decoding (a forced tool call, a response_format), a seed, or
-  whose system part the prefix KV cache takes (see `LocalBackend.system_prefix`)
+  whose system part the prefix KV cache takes (see `LocalBackend.system_prefix`;
+  not with static decoding and `reuse_prefixes`: the slots reuse it, batched)
   run on the backend's own single-request path, still in queue order; so does a
   compatible group of one (which is where `Local(speculative="prompt_lookup")`
   applies: under load requests batch, a request that runs alone speculates). A
@@ -51,9 +52,14 @@ checks all drafts (`speculative="draft"` applies on the single path only).
 `decode_kernels="auto"` (the default: "triton" on CUDA, "torch" elsewhere or
 with `compile_decode`) computes each decode layer, and prefills prompts of up to
 1,024 tokens, with five fused Triton kernels (backends/triton_decode.py) instead
-of PyTorch ops. Built on the first batch; `stats()["static_decode"]` says "on"
-or why not, `stats()["static"]` its counters (and `kernels_note` when the Triton
-kernels were asked for but could not run).
+of PyTorch ops. A new request whose prompt starts (in whole 16-token blocks) like
+what a slot's cache still holds, its own slot's from an earlier request or another
+slot's, prefills only the rest (`reuse_prefixes`; backends/slot_prefixes.py): the
+shared system prompt of agent traffic is computed once, not per request. Built on
+the first batch; `stats()["static_decode"]` says "on" or why not,
+`stats()["static"]` its counters (`prefill_tokens` computed, `reused_tokens` not
+computed thanks to reuse, `copied_tokens` copied between slots; `kernels_note`
+when the Triton kernels were asked for but could not run).
 """
 
 from __future__ import annotations
@@ -110,7 +116,7 @@ class BatchingEngine(Backend):
                  max_queue: int = 256, idle_exit_s: float = 30.0, static_decode: str = "auto",
                  decode_steps: int = 8, cuda_graphs: bool = True,
                  kv_cache_mb: float | None = None, compile_decode: bool = False,
-                 decode_kernels: str = "auto"):
+                 decode_kernels: str = "auto", reuse_prefixes: bool = True):
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
                                  ("max_wait_ms", max_wait_ms, 0), ("idle_exit_s", idle_exit_s, 0),
                                  ("decode_steps", decode_steps, 1)):
@@ -122,6 +128,8 @@ class BatchingEngine(Backend):
         if decode_kernels not in KERNELS:
             raise InputError("decode_kernels",
                              f"must be one of {KERNELS}, got {decode_kernels!r}")
+        if not isinstance(reuse_prefixes, bool):
+            raise InputError("reuse_prefixes", f"must be True or False, got {reuse_prefixes!r}")
         if kv_cache_mb is not None and (not isinstance(kv_cache_mb, (int, float))
                                         or isinstance(kv_cache_mb, bool) or kv_cache_mb <= 0):
             raise InputError("kv_cache_mb", f"must be a number > 0 or None, got {kv_cache_mb!r}")
@@ -131,6 +139,7 @@ class BatchingEngine(Backend):
         self.compile_decode = bool(compile_decode)
         self.decode_kernels = decode_kernels
         self.kv_cache_mb = kv_cache_mb
+        self.reuse_prefixes = bool(reuse_prefixes)
         self._runner: ContinuousRunner | None = None
         self._static_reason: str | None = None  # why static decoding is off, once decided
         self.backend = backend
@@ -378,7 +387,7 @@ class BatchingEngine(Backend):
             max_new = p.max_tokens or b.default_max_tokens
             if len(ids) + max_new > b.context_window:
                 raise ContextOverflow(len(ids), max_new, b.context_window)
-            if b.system_prefix(call, ids) is not None:
+            if b.system_prefix(call, ids) is not None and not self._reusing_prefixes():
                 return ("single", id(r))  # the prefix KV cache serves it better alone
             r.ids = list(ids)
         if p.temperature > 0:
@@ -432,9 +441,16 @@ class BatchingEngine(Backend):
                         decode_text=lambda ids: b.tokenizer.decode(ids, skip_special_tokens=True),
                         decode_texts=b.decode_texts,
                         speculate=(b.speculative_tokens if b.speculative == "prompt_lookup"
-                                   else 0))
+                                   else 0),
+                        reuse_prefixes=self.reuse_prefixes)
         self._static_reason = reason
         return self._runner
+
+    def _reusing_prefixes(self) -> bool:
+        """Whether static decoding runs with prefix reuse: then a call with a cacheable
+        system prompt is batched, its prefix reused from the slots, instead of running
+        alone on the backend's prefix cache."""
+        return self.reuse_prefixes and self._static_runner() is not None
 
     def _kv_budget(self, on_gpu: bool) -> float:
         if self.kv_cache_mb is not None:

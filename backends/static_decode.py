@@ -2,6 +2,8 @@
 
     dec = StaticDecoder.build(model, slots=256, max_len=2048)   # None: unsupported model
     logits = dec.prefill([0, 1], [ids_a, ids_b])     # [2, vocab]: each prompt's last token
+    dec.copy_prefix([(0, 2, 40)])                     # slot 2 takes slot 0's first 40 positions
+    dec.prefill([2], [ids_c], starts=[40])            # ids_c[:40] == ids_a[:40]: the rest only
     tokens, _ = dec.decode(2, [a, b], [len(ids_a), len(ids_b)], steps=8)  # [2, 8] greedy
     run = dec.launch(2, [a, b], [len(ids_a), len(ids_b)], steps=8)  # queued, not waited for
     nxt = dec.launch(2, None, [len(ids_a) + 8, len(ids_b) + 8], steps=8)  # goes on from it
@@ -58,8 +60,9 @@ _ARCHITECTURES = {"llama", "mistral", "qwen2"}
 _ROPE_TYPES = {"default", "linear", "llama3", "yarn", "longrope"}  # position-only tables
 _MIN_L = 128  # the smallest attention window a graph is captured for
 MAX_VERIFY = 16  # tokens per slot in one verify pass at most (the last one + a draft)
-# Longest prompt the Triton kernels prefill: each token's attention is one program's
-# loop over its earlier positions (quadratic; SDPA's flash kernels take longer prompts).
+# Most tokens of a prompt the Triton kernels prefill (past a reused prefix: its rest):
+# each token's attention is one program's loop over its earlier positions (quadratic;
+# SDPA's flash kernels take longer prompts).
 TRITON_PREFILL_MAX = 1024
 # One prompt of up to this many tokens prefills (on the Triton kernels) as a CUDA graph
 # replay, padded to a power of two: launching ~150 kernels from Python took ~7-10 ms on an
@@ -167,7 +170,7 @@ class StaticDecoder:
         self._verify_buffers: tuple[Any, Any, Any] | None = None  # made on first verify
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         # (n, window, steps, logits) -> (the CUDA graph, its outputs: tokens, logits or
-        # None); ("prefill", width) -> (the graph, the logits of a one-prompt prefill)
+        # None); ("prefill", width, window) -> (the graph, a one-prompt prefill's logits)
         self._graphs: dict[tuple, tuple[Any, Any]] = {}
         self._pool: Any = None
         self._host: dict[tuple[int, ...], list[Any]] = {}  # pinned buffers for `launch`
@@ -247,7 +250,8 @@ class StaticDecoder:
     def warm_up(self) -> None:
         """Compile the decode layer now (n = 1, 2 and 32: each tile kind; on the Triton
         kernels also the greedy head, and the prefill's row blocks of 32 and 64, with
-        graphs each one-prompt prefill graph up to PREFILL_GRAPH_MAX tokens), not on the
+        graphs each one-prompt prefill graph up to PREFILL_GRAPH_MAX tokens, from position
+        0 and after a reused prefix in windows up to 1,024), not on the
         first requests (seconds each); a no-op unless compiled or on the Triton kernels
         (on CUDA: they compile on first use). Writes only garbage: at position 0 of the
         first 32 slots, and at the first positions of slot 0."""
@@ -279,6 +283,13 @@ class StaticDecoder:
                     for width in (16, 32, 64, 128, 256):
                         if width <= min(self.max_len, PREFILL_GRAPH_MAX):
                             self._prefill_triton([0], [[0] * width], [width])
+                    # and after a reused prefix, for windows up to 1,024 (a prompt's rest
+                    # ending at the window's last position: its graph's key)
+                    for window in (128, 256, 512, 1024):
+                        for width in (16, 32, 64, 128, 256):
+                            if width < window <= self.max_len and width <= PREFILL_GRAPH_MAX:
+                                self._prefill_triton([0], [[0] * window], [window],
+                                                     [window - width])
             except Exception as e:  # noqa: BLE001  (as in prefill: the torch kernels go on)
                 self._triton_failed(e)
 
@@ -320,9 +331,14 @@ class StaticDecoder:
     def _logits(self, x: Any) -> Any:
         return self.model.lm_head(self.inner.norm(x)).float()
 
-    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> Any:
-        """Fill `slots` with `prompts` (positions 0..len-1, any earlier content dropped);
-        the logits [len(slots), vocab] (float32) of each prompt's last token."""
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+                starts: Sequence[int] | None = None) -> Any:
+        """Fill `slots` with `prompts` (positions 0..len-1, replacing what a slot held
+        there); the logits [len(slots), vocab] (float32) of each prompt's last token.
+        `starts[i]`: positions 0..starts[i]-1 of slot i already hold prompt i's keys and
+        values (left by an earlier prompt with that prefix, or `copy_prefix`), so only
+        its tokens from there on are computed; each start must be below its prompt's
+        length (the last token's logits are computed). None: all 0."""
         import torch
         import torch.nn.functional as F
 
@@ -331,15 +347,27 @@ class StaticDecoder:
         lengths = [len(p) for p in prompts]
         if min(lengths) < 1 or max(lengths) > self.max_len:
             raise ValueError(f"prompt lengths must be 1..{self.max_len}, got {lengths}")
+        if any(not 0 <= s < self.slots for s in slots):
+            raise ValueError(f"slots must be 0..{self.slots - 1}, got {list(slots)}")
+        starts = [0] * len(prompts) if starts is None else [int(s) for s in starts]
+        if len(starts) != len(prompts) or any(
+                not 0 <= s < n for s, n in zip(starts, lengths, strict=True)):
+            raise ValueError(f"starts must be one per prompt, each 0..its length - 1; got "
+                             f"{starts} for lengths {lengths}")
         width = max(lengths)
-        if self.triton is not None and width <= TRITON_PREFILL_MAX:
+        computed = max(n - s for n, s in zip(lengths, starts, strict=True))
+        if self.triton is not None and computed <= TRITON_PREFILL_MAX:
             try:
-                logits = self._prefill_triton(slots, prompts, lengths)
+                logits = self._prefill_triton(slots, prompts, lengths, starts)
             except Exception as e:  # noqa: BLE001  (an experimental kernel must not fail it)
                 self._triton_failed(e)
             else:
                 self.stats["prefills"] += 1
                 return logits
+        if any(starts):
+            logits = self._prefill_after(slots, prompts, lengths, starts)
+            self.stats["prefills"] += 1
+            return logits
         ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts],
                            dtype=torch.long, device=self.device)
         where = torch.tensor(list(slots), dtype=torch.long, device=self.device)
@@ -367,22 +395,102 @@ class StaticDecoder:
         self.stats["prefills"] += 1
         return logits
 
+    def _prefill_after(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
+                       lengths: list[int], starts: list[int]) -> Any:
+        """`prefill` through the model's modules of each prompt's tokens from its start
+        on (right-padded to the longest such part), attending over the slot's cache: the
+        positions before the start hold the prompt's prefix already."""
+        import torch
+        import torch.nn.functional as F
+
+        width = max(n - s for n, s in zip(lengths, starts, strict=True))
+        ids = torch.tensor([list(p[s:]) + [0] * (width - len(p) + s)
+                            for p, s in zip(prompts, starts, strict=True)], dtype=torch.long)
+        offsets = torch.arange(width)
+        pos = torch.tensor(starts)[:, None] + offsets  # [b, width]
+        valid = offsets[None, :] < torch.tensor(lengths)[:, None] - torch.tensor(starts)[:, None]
+        window = self.window_for(max(lengths) - 1)
+        b, group = len(prompts), self.heads // self.kv_heads
+        with self._lock, torch.inference_mode():
+            ids, pos, valid = (t.to(self.device) for t in (ids, pos, valid))
+            where = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+            pos = pos.clamp(max=self.max_len - 1)  # padding past the slot: never written
+            put_slot = where[:, None].expand(b, width)[valid]
+            put_pos = pos[valid]
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [b, 1, width, D]
+            # query (head g of kv head h, token j) sees cache positions <= its position
+            mask = (self.arange[:window][None, None, :] <= pos[:, :, None])[:, None]
+            mask = mask.repeat(1, 1, group, 1)  # [b, 1, group * width, window], rows (g, j)
+
+            def write(i: int, k: Any, v: Any) -> None:
+                # only each prompt's own tokens: padding must not touch the slot's cache
+                self.k[i][put_slot, :, put_pos] = k.transpose(1, 2)[valid]
+                self.v[i][put_slot, :, put_pos] = v.transpose(1, 2)[valid]
+
+            def attend(i: int, q: Any, k: Any, v: Any) -> Any:
+                q = q.reshape(b, self.kv_heads, group * width, self.head_dim)
+                o = F.scaled_dot_product_attention(
+                    q, self.k[i][where, :, :window], self.v[i][where, :, :window],
+                    attn_mask=mask, scale=self.scale)
+                return o.reshape(b, self.heads, width, self.head_dim)
+
+            x = self.inner.embed_tokens(ids)
+            for i, layer in enumerate(self.layers):
+                x = self._layer(i, layer, x, cos, sin, write, attend)
+            last = torch.tensor([n - s - 1 for n, s in zip(lengths, starts, strict=True)],
+                                device=self.device)
+            return self._logits(x[torch.arange(b, device=self.device), last])
+
+    def copy_prefix(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        """For each (source, target, n): the keys and values at positions 0..n-1 of slot
+        `source` copied into slot `target` (every layer), so a prompt starting with the
+        tokens `source` holds there prefills from position n on (`prefill`'s starts).
+        Targets must differ from every source."""
+        import torch
+
+        targets = {t for _, t, _ in copies}
+        if any(s in targets for s, _, _ in copies):
+            raise ValueError("copy_prefix: a slot is both a source and a target")
+        for s, t, n in copies:
+            if not (0 <= s < self.slots and 0 <= t < self.slots and 0 < n <= self.max_len):
+                raise ValueError(f"copy_prefix: bad copy {(s, t, n)} for {self.slots} slots "
+                                 f"of {self.max_len} positions")
+        by_length: dict[int, list[tuple[int, int]]] = {}
+        for s, t, n in copies:
+            by_length.setdefault(n, []).append((s, t))
+        with self._lock, torch.inference_mode():
+            for n, pairs in by_length.items():
+                src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.device)
+                dst = torch.tensor([t for _, t in pairs], dtype=torch.long, device=self.device)
+                for cache in (*self.k, *self.v):
+                    cache[dst, :, :n] = cache[src, :, :n]
+
+    def bucket(self, n: int) -> int:
+        """The slots a decode or verify pass over slots 0..n-1 runs (a power of two): the
+        ones not decoding (dormant) take a token at position 0 of their own slot, so their
+        caches' content is lost."""
+        return _bucket(n, self.slots)
+
     def _prefill_triton(self, slots: Sequence[int], prompts: Sequence[Sequence[int]],
-                        lengths: list[int]) -> Any:
-        """The prefill on the Triton decode kernels: every prompt token is a row, at its
-        position, in its prompt's slot (a row attends over its slot's positions up to its
-        own, written by the same layer's first kernel: causal). No padding, and five
-        launches a layer instead of a few dozen eager ops."""
+                        lengths: list[int], starts: list[int] | None = None) -> Any:
+        """The prefill on the Triton decode kernels: every prompt token from its start
+        on is a row, at its position, in its prompt's slot (a row attends over its slot's
+        positions up to its own, written by the same layer's first kernel, or before the
+        start by an earlier prompt: causal). No padding, and five launches a layer
+        instead of a few dozen eager ops."""
         import torch
 
         assert self.triton is not None and self.fused is not None
-        if self.cuda_graphs and len(prompts) == 1 and lengths[0] <= PREFILL_GRAPH_MAX:
-            width = max(16, _bucket(lengths[0], PREFILL_GRAPH_MAX))
-            if width <= self.max_len:
-                return self._prefill_graphed(slots[0], prompts[0], width)
-        host = torch.tensor([[t for p in prompts for t in p],
-                             [j for n in lengths for j in range(n)],
-                             [s for s, n in zip(slots, lengths, strict=True) for _ in range(n)]],
+        starts = starts or [0] * len(prompts)
+        if self.cuda_graphs and len(prompts) == 1 and lengths[0] - starts[0] <= PREFILL_GRAPH_MAX:
+            width = max(16, _bucket(lengths[0] - starts[0], PREFILL_GRAPH_MAX))
+            if starts[0] + width <= self.max_len:
+                return self._prefill_graphed(slots[0], prompts[0], starts[0], width)
+        host = torch.tensor([[t for p, s in zip(prompts, starts, strict=True) for t in p[s:]],
+                             [j for n, s in zip(lengths, starts, strict=True)
+                              for j in range(s, n)],
+                             [slot for slot, n, s in zip(slots, lengths, starts, strict=True)
+                              for _ in range(n - s)]],
                             dtype=torch.long)
         with self._lock, torch.inference_mode():
             ids, pos, where = host.to(self.device, non_blocking=True)
@@ -390,20 +498,26 @@ class StaticDecoder:
             for i, weights in enumerate(self.fused):
                 x = self.triton.layer(x, weights, self.k[i], self.v[i], pos, self.cos,
                                       self.sin, max(lengths), where)
-            last = torch.tensor(lengths).cumsum(0).sub_(1).to(self.device)
-            return self._logits(x[last])
+            last = torch.tensor([n - s for n, s in zip(lengths, starts, strict=True)])
+            return self._logits(x[last.cumsum(0).sub_(1).to(self.device)])
 
-    def _prefill_graphed(self, slot: int, prompt: Sequence[int], width: int) -> Any:
-        """`_prefill_triton` of one prompt as the replay of a graph captured per `width`
-        (a power of two >= its length): the rows past the prompt are token 0 at the
-        positions after it, in its slot, where they write keys and values no row reads
-        (the prompt's rows attend up to their own positions; decoding writes each later
-        position before attending to it)."""
+    def _prefill_graphed(self, slot: int, prompt: Sequence[int], start: int,
+                         width: int) -> Any:
+        """`_prefill_triton` of one prompt from position `start` on as the replay of a
+        graph captured per (`width`, attention window), `width` a power of two >= the
+        tokens computed: the rows past the prompt are token 0 at the positions after it,
+        in its slot, where they write keys and values no row reads (the prompt's rows
+        attend up to their own positions; decoding writes each later position before
+        attending to it)."""
         import torch
 
-        n = len(prompt)
-        host = torch.tensor([list(prompt) + [0] * (width - n), list(range(width)),
-                             [slot] * width, [n - 1] * width], dtype=torch.long)
+        n = len(prompt) - start
+        # the attention's splits must cover the last position: the width for a prompt
+        # from position 0 (its graphs as before), else a power of two >= 128 past it
+        window = width if start == 0 else self.window_for(start + width - 1)
+        host = torch.tensor([list(prompt[start:]) + [0] * (width - n),
+                             list(range(start, start + width)), [slot] * width,
+                             [n - 1] * width], dtype=torch.long)
         with self._lock, torch.inference_mode():
             buffers = self._prefill_inputs.get(width)
             if buffers is None:
@@ -417,10 +531,10 @@ class StaticDecoder:
                 x = self.inner.embed_tokens(ids)
                 for i, weights in enumerate(self.fused):
                     x = self.triton.layer(x, weights, self.k[i], self.v[i], pos, self.cos,
-                                          self.sin, width, where)
+                                          self.sin, window, where)
                 return self._logits(x.index_select(0, last[:1]))
 
-            return self._replay(("prefill", width), run, (buffers,)).clone()
+            return self._replay(("prefill", width, window), run, (buffers,)).clone()
 
     def _step(self, n: int, window: int) -> Any:
         """One decode step for slots 0..n-1 from self.tokens/self.pos (device buffers):

@@ -335,6 +335,13 @@ class Local(_Strict):
         "kernels run and stats() says why. 'torch': PyTorch ops (~28 kernels a layer). "
         "'auto': triton on CUDA unless compile_decode, else torch"
     )
+    reuse_prefixes: bool = Field(
+        True, description="static decoding: a request whose prompt starts (in whole "
+        "16-token blocks) like what a cache slot still holds (an earlier request's, e.g. "
+        "the same system prompt and tools) prefills only the rest, in place or after a "
+        "copy between slots; requests arriving together share their common prefix the "
+        "same way. No extra memory (the slots' own cache)"
+    )
     kv_cache_mb: float | None = Field(
         None, gt=0, description="static decoding: memory for the KV cache slots; None: 30% "
         "of the free GPU memory, 512 MB on CPU. max_batch slots of min(context window, "

@@ -112,6 +112,128 @@ def test_a_slot_refilled_forgets_its_old_sequence() -> None:
     assert static_greedy(dec, [PROMPTS[1]], 12, 4) == [reference(model, PROMPTS[1], 12)]
 
 
+SHARED = list(range(3, 43))  # a 40-token "system prompt": two whole blocks of 16 and 8 more
+
+
+def decode_after(dec: StaticDecoder, slots: list[int], prompts: list[list[int]],
+                 logits: Any, n: int) -> list[list[int]]:
+    """n greedy tokens for prompts prefilled in `slots` (their first from `logits`)."""
+    made = [[t] for t in logits.argmax(-1).tolist()]
+    for _ in range(n - 1):
+        tokens, pos = [0] * dec.slots, [0] * dec.slots
+        for slot, p, m in zip(slots, prompts, made, strict=True):
+            tokens[slot], pos[slot] = m[-1], len(p) + len(m) - 1
+        out, _ = dec.decode(dec.slots, tokens, pos)
+        for slot, m in zip(slots, made, strict=True):
+            m.append(int(out[slot, 0]))
+    return made
+
+
+@pytest.mark.parametrize("layout", ["slot", "position"])
+def test_a_prefill_after_a_reused_prefix_equals_a_whole_one(layout: str) -> None:
+    model = tiny()
+    dec = StaticDecoder(model, slots=4, max_len=256, kv_layout=layout)
+    a, b = SHARED + [50, 51, 52], SHARED[:33] + [60, 61]
+    dec.prefill([0, 1], [a, b])
+    c, d = SHARED + [70, 71], SHARED[:20] + [80]
+    whole = StaticDecoder(model, slots=4, max_len=256, kv_layout=layout).prefill([0, 1], [c, d])
+    dec.copy_prefix([(0, 2, 40)])  # slot 2 takes slot 0's first 40 positions
+    # c from position 40 in slot 2 (copied), d from 20 in slot 1 (in place: b's first 20)
+    got = dec.prefill([2, 1], [c, d], starts=[40, 20])
+    torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
+    assert decode_after(dec, [2, 1], [c, d], got, 6) == [reference(model, p, 6) for p in (c, d)]
+
+
+def test_bad_prefix_reuse_input_is_refused() -> None:
+    dec = StaticDecoder(tiny(), slots=2, max_len=64)
+    with pytest.raises(ValueError, match="starts must be one per prompt"):
+        dec.prefill([0], [[1, 2, 3]], starts=[3])  # the last token must be computed
+    with pytest.raises(ValueError, match="starts must be one per prompt"):
+        dec.prefill([0, 1], [[1, 2], [3, 4]], starts=[0])
+    with pytest.raises(ValueError, match="slots must be 0..1"):
+        dec.prefill([2], [[1, 2]])
+    with pytest.raises(ValueError, match="both a source and a target"):
+        dec.copy_prefix([(0, 1, 4), (1, 0, 4)])
+    with pytest.raises(ValueError, match="bad copy"):
+        dec.copy_prefix([(0, 1, 65)])
+
+
+def runner_for(dec: StaticDecoder, got: dict[tuple[int, ...], list[int]],
+               max_new: int = 6, later: list[Any] | None = None, **kw: Any) -> Any:
+    """A ContinuousRunner whose finished rows land in `got` (prompt -> tokens); `later`:
+    requests handed to it one poll at a time once it runs (None: nothing that poll)."""
+    from contextwise.backends.continuous import ContinuousRunner, _Active
+
+    later = later if later is not None else []
+
+    def poll(limit: int) -> list[Any]:
+        req = later.pop(0) if later and limit > 0 else None
+        return [req] if req is not None else []
+
+    return ContinuousRunner(
+        dec, eos=-1, steps=2,
+        make_row=lambda req, slot: _Active(req, req.ids, req.max_new, None, None, slot=slot),
+        complete=lambda row, size: got.__setitem__(tuple(row.ids), row.new),
+        poll=poll, decode_text=lambda ids: "", **kw)
+
+
+class Req:
+    def __init__(self, ids: list[int], max_new: int = 6) -> None:
+        from concurrent.futures import Future
+
+        self.ids, self.max_new, self.future = ids, max_new, Future()
+
+
+def test_the_runner_shares_a_prefix_among_new_rows_then_reuses_it_in_place() -> None:
+    model = tiny()
+    dec = StaticDecoder(model, slots=4, max_len=256)
+    got: dict[tuple[int, ...], list[int]] = {}
+    runner = runner_for(dec, got)
+    first = [SHARED + [60 + i, 70 + i] for i in range(3)]
+    runner.run([Req(p) for p in first])
+    assert [got[tuple(p)] for p in first] == [reference(model, p, 6) for p in first]
+    s = runner.stats  # 32 shared tokens (whole blocks) prefilled once, copied to the others
+    assert (s["reused_tokens"], s["copied_tokens"], s["prefill_tokens"]) == (64, 64, 32 + 30)
+    second = [SHARED + [80 + i] for i in range(3)]
+    runner.run([Req(p) for p in second])
+    assert [got[tuple(p)] for p in second] == [reference(model, p, 6) for p in second]
+    # each slot still holds an earlier prompt: its first 40 tokens are reused in place
+    assert (s["reused_tokens"], s["copied_tokens"], s["prefill_tokens"]) == (
+        64 + 120, 64, 62 + 3)
+    assert s["reused_tokens"] + s["prefill_tokens"] == sum(map(len, first + second))
+
+
+def test_the_runner_copies_from_a_busy_slot_and_skips_overwritten_ones() -> None:
+    model = tiny()
+    dec = StaticDecoder(model, slots=4, max_len=256)
+    got: dict[tuple[int, ...], list[int]] = {}
+    short, long = [9] * 20 + SHARED, SHARED + [1, 2]
+    # `short` ends after the first chunk; each chunk after it (none runs ahead here) is
+    # launched afresh over slots 0-1, slot 0 dormant: its cache overwritten from position
+    # 0, so `again`, which then takes slot 0, must not reuse short's 25 shared tokens
+    again = [9] * 20 + SHARED[:5] + [3]
+    late = SHARED + [4]  # long's first 40 tokens: copied from its busy slot
+    runner = runner_for(dec, got, later=[None, None, Req(again, 4), Req(late, 4)],
+                        run_ahead=False)
+    runner.run([Req(short, 2), Req(long, 12)])
+    want = {tuple(p): reference(model, p, n) for p, n in
+            ((short, 2), (long, 12), (again, 4), (late, 4))}
+    assert got == want
+    assert runner.stats["copied_tokens"] == 40 and runner.stats["reused_tokens"] == 40
+
+
+def test_reuse_off_prefills_every_token() -> None:
+    model = tiny()
+    dec = StaticDecoder(model, slots=4, max_len=256)
+    got: dict[tuple[int, ...], list[int]] = {}
+    runner = runner_for(dec, got, reuse_prefixes=False)
+    prompts = [SHARED + [60 + i] for i in range(3)]
+    runner.run([Req(p) for p in prompts])
+    runner.run([Req(p) for p in prompts])
+    assert [got[tuple(p)] for p in prompts] == [reference(model, p, 6) for p in prompts]
+    assert runner.stats["prefill_tokens"] == 6 * 41 and "reused_tokens" not in runner.stats
+
+
 def test_a_failed_graph_capture_falls_back_to_plain_steps(monkeypatch: Any) -> None:
     model = tiny()
     dec = StaticDecoder(model, slots=4, max_len=256)
@@ -148,7 +270,9 @@ def test_bad_prefill_input_is_refused() -> None:
 
 def test_policy_and_engine_validate_the_options(fake_backend: Any) -> None:
     assert Local().static_decode == "auto" and Local().decode_steps == 8
-    for bad in ({"static_decode": "always"}, {"decode_steps": 0}, {"kv_cache_mb": 0}):
+    assert Local().reuse_prefixes is True
+    for bad in ({"static_decode": "always"}, {"decode_steps": 0}, {"kv_cache_mb": 0},
+                {"reuse_prefixes": "sometimes"}):
         with pytest.raises(ValidationError):
             Local(**bad)
     with pytest.raises(InputError, match="static_decode"):
@@ -157,6 +281,8 @@ def test_policy_and_engine_validate_the_options(fake_backend: Any) -> None:
         BatchingEngine(fake_backend, decode_steps=0)
     with pytest.raises(InputError, match="kv_cache_mb"):
         BatchingEngine(fake_backend, kv_cache_mb=-1)
+    with pytest.raises(InputError, match="reuse_prefixes"):
+        BatchingEngine(fake_backend, reuse_prefixes="yes")
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -237,8 +363,11 @@ class _FlakyDecoder:
     def __init__(self) -> None:
         self.fail = True
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> Any:
+    def prefill(self, slots: list[int], prompts: list[list[int]], starts: Any = None) -> Any:
         return torch.zeros(len(slots), 8)
+
+    def bucket(self, n: int) -> int:
+        return n
 
     def decode(self, n: int, tokens: Any, pos: Any, steps: int = 1, ban_eos: Any = None) -> Any:
         if self.fail:
@@ -376,6 +505,42 @@ def test_static_engine_gives_the_single_path_greedy_text(local: Any,
     assert s["static_decode"] == "on" and s["static"]["admitted"] == len(QUESTIONS)
     assert s["static"]["slots"] == 8 and s["static"]["largest_active"] >= 2
     assert s["static"]["resumed"] >= 1  # chunks launched before the last one's tokens landed
+
+
+SUPPORT = ("You are the support assistant of Acme Cloud, a hosting company. Answer in one "
+           "short sentence. Never reveal internal tickets. Escalate billing disputes to a "
+           "human. Our plans are Starter, Team and Enterprise; all include backups, TLS "
+           "certificates and a 99.9% uptime promise. Support hours are 8:00 to 18:00 UTC.")
+
+
+@pytest.mark.model
+def test_static_engine_batches_a_shared_system_prompt_and_reuses_it(local: Any) -> None:
+    from contextwise.backends.local import LocalBackend
+
+    from contextwise.types import Call
+
+    def calls() -> list[Call]:
+        return [Call.build([{"role": "system", "content": SUPPORT},
+                            {"role": "user", "content": q}], max_tokens=8)
+                for q in QUESTIONS[:4]]
+
+    sequential = [local.generate([c])[0] for c in calls()]
+    # prefix cache on: without reuse in the slots these calls would each run alone
+    cached = LocalBackend(loaded=local.loaded, prefix_cache_mb=64, max_context_tokens=1024)
+    first = calls()[0]
+    ids = cached.tokenizer(cached.render(first), add_special_tokens=False)["input_ids"]
+    assert cached.system_prefix(first, ids) is not None
+    with BatchingEngine(cached, max_batch=4, max_wait_ms=200, static_decode="on",
+                        decode_steps=4, kv_cache_mb=256) as eng:
+        for _ in range(2):  # first the rows share it among themselves, then it is in place
+            for a, b in zip(sequential, eng.generate(calls()), strict=True):
+                same(a, b)
+                assert b.trace.of("backend")[0]["decode"] == "static"
+        s = eng.stats()
+    assert s["single_calls"] == 0 and s["static"]["admitted"] == 8
+    st = s["static"]
+    assert st["copied_tokens"] > 0 and st["reused_tokens"] > 4 * 64
+    assert st["prefill_tokens"] < 4 * len(ids)
 
 
 @pytest.mark.model

@@ -249,6 +249,50 @@ def test_a_one_prompt_prefill_padded_for_its_graph_leaves_the_same_cache() -> No
         assert {k[1] for k in padded._graphs if k[0] == "prefill"} == {16}
 
 
+@kernels_run
+@pytest.mark.parametrize(("graphed", "limit"), [(False, 1024), (True, 1024), (False, 8)])
+def test_a_triton_prefill_after_a_reused_prefix_equals_a_whole_one(
+        graphed: bool, limit: int, monkeypatch: Any) -> None:
+    """Rows from a prompt's start position on attend over the prefix a slot already
+    holds (in place, or copied from another slot); one prompt alone takes the graphed
+    path, padded, whose attention window must reach past the start. A prompt longer
+    than TRITON_PREFILL_MAX prefills on the modules, and its rest, when short enough
+    after a reused prefix, on the kernels."""
+    from contextwise.backends import static_decode
+    from test_static_decode import SHARED, decode_after
+
+    monkeypatch.setattr(static_decode, "TRITON_PREFILL_MAX", limit)
+    model = tiny32()
+    dec = StaticDecoder(model, slots=4, max_len=512, kernels="triton", kv_layout="position",
+                        cuda_graphs=CUDA and graphed)
+    if graphed and not CUDA:  # the graph path without a graph, as above
+        dec.cuda_graphs = True
+        dec._replay = lambda key, run, inputs: run()  # type: ignore[method-assign]
+    on_kernels: list[list[int]] = []
+    kernel_prefill = dec._prefill_triton
+
+    def spy(slots: Any, prompts: Any, lengths: Any, starts: Any = None) -> Any:
+        on_kernels.append(list(starts or [0]))
+        return kernel_prefill(slots, prompts, lengths, starts)
+
+    dec._prefill_triton = spy  # type: ignore[method-assign]
+    a, b = SHARED + [50, 51, 52], SHARED[:33] + [60, 61]
+    c, d = SHARED + [70, 71], SHARED[:20] + [80]
+    whole = StaticDecoder(model, slots=4, max_len=512).prefill([0, 1], [c, d])
+    for slot, p in ((0, a), (1, b)):  # one at a time: each one-prompt path
+        dec.prefill([slot], [p])
+    dec.copy_prefix([(0, 2, 40)])
+    got = [dec.prefill([2], [c], starts=[40]), dec.prefill([1], [d], starts=[20])]
+    for mine, want in zip(got, whole, strict=True):
+        torch.testing.assert_close(mine[0], want, atol=1e-4, rtol=1e-4)
+    made = decode_after(dec, [2, 1], [c, d], torch.cat(got), 6)
+    assert made == [reference(model, p, 6) for p in (c, d)]
+    assert dec.kernels == "triton"
+    assert on_kernels == ([[0], [0], [40], [20]] if limit > 43 else [[40], [20]])
+    if CUDA and graphed:  # a start moves the graph's attention window past its width
+        assert {k[1:] for k in dec._graphs if k[0] == "prefill"} >= {(16, 128), (64, 64)}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
