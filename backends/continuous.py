@@ -319,12 +319,13 @@ class ContinuousRunner:
         starts = {r: 0 for r in rows}
         if self.prefixes is None:
             return starts
-        taken = {r.slot for r in rows}
+        # sources: a row's own slot, or one no new row takes (its content stays)
+        kept = set(self.prefixes.held) - {r.slot for r in rows}
         copies = []
         try:
             for r in rows:
                 r.blocks = self.prefixes.chain(r.ids)  # hashed once: matched, then put
-                slot, n = self.prefixes.match(r.ids, exclude=taken - {r.slot}, prefer=r.slot,
+                slot, n = self.prefixes.match(r.ids, allowed=kept | {r.slot}, prefer=r.slot,
                                               keys=r.blocks)
                 n = min(n, r.n_prompt - 1)
                 if slot is None or n < _PREFIX_BLOCK:
@@ -350,12 +351,16 @@ class ContinuousRunner:
         most of it) and copied into the others' slots, whose starts move past it.
         Returns the tokens prefilled for that."""
         b = _PREFIX_BLOCK
-        ordered = sorted(rows, key=lambda r: r.ids)  # shared prefixes end up adjacent
+        if all(starts[r] >= (r.n_prompt - 1) // b * b for r in rows):
+            return 0  # each row reuses every whole block it may already
+        # ordered by their blocks' chained hashes, rows sharing a prefix end up adjacent
+        ordered = sorted(rows, key=lambda r: r.blocks or [])
         runs: list[tuple[list[_Active], int]] = []
         for prev, cur in zip(ordered, ordered[1:]):
-            limit = min(prev.n_prompt, cur.n_prompt) - 1
-            common = min(_common_prefix(prev.ids, cur.ids), limit) // b * b
-            if common < b:
+            limit = (min(prev.n_prompt, cur.n_prompt) - 1) // b  # a last token to compute
+            k = _shared_blocks(prev.blocks or [], cur.blocks or [], limit)
+            common = k * b
+            if not k or prev.ids[:common] != cur.ids[:common]:  # or a hash collision
                 continue
             if runs and runs[-1][0][-1] is prev:
                 members, shared = runs[-1]
@@ -564,13 +569,14 @@ def _sample(logits: Any, top_p: Any) -> Any:
     return order.gather(-1, choice)[:, 0]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """How many first tokens `a` and `b` share (bisection over slice comparisons, which
-    run in C: a 2,000-token system prompt costs a dozen of them, not 2,000 steps)."""
-    lo, hi = 0, min(len(a), len(b))
+def _shared_blocks(a: list[int], b: list[int], limit: int) -> int:
+    """How many first blocks two prompts share, at most `limit`, from their chained block
+    hashes (`SlotPrefixes.chain`): key k is equal only if every block up to k is, so a
+    bisection compares a dozen keys, not every token."""
+    lo, hi = 0, min(len(a), len(b), limit)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
+        if a[mid - 1] == b[mid - 1]:
             lo = mid
         else:
             hi = mid - 1

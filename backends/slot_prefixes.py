@@ -71,20 +71,22 @@ class SlotPrefixes:
         self._keys.clear()
         self._slots.clear()
 
-    def match(self, tokens: Sequence[int], exclude: Collection[int] = (),
+    def match(self, tokens: Sequence[int], allowed: Collection[int] | None = None,
               prefer: int | None = None, keys: list[int] | None = None
               ) -> tuple[int | None, int]:
-        """(slot, n): a slot, not in `exclude`, whose held tokens share the longest prefix
-        with `tokens` (at least one whole block), and that prefix's length; (None, 0)
-        when none shares a whole block. Among the slots sharing the most whole blocks,
-        `prefer` (e.g. the slot the request takes: no copy) and the lowest three are
-        compared token by token past those blocks. `keys`: the tokens' `chain`, if made
-        already."""
+        """(slot, n): a slot (one of `allowed`; None: any) whose held tokens share the
+        longest prefix with `tokens` (at least one whole block), and that prefix's
+        length; (None, 0) when none shares a whole block. Among the slots sharing the
+        most whole blocks, `prefer` (e.g. the slot the request takes: no copy) and the
+        lowest three are compared token by token past those blocks. `keys`: the
+        tokens' `chain`, if made already."""
         keys = keys if keys is not None else self.chain(tokens)
-        skip = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
+        ok = None if allowed is None else (
+            allowed if isinstance(allowed, (set, frozenset)) else set(allowed))
 
         def holders(depth: int) -> set[int]:  # slots holding the first `depth` blocks
-            return self._slots.get(keys[depth - 1], set()) - skip
+            held = self._slots.get(keys[depth - 1], set())
+            return set(held) if ok is None else held & ok  # walks the smaller set
 
         # A slot holding block k's key holds every earlier one: the holders shrink with
         # depth, so the deepest block still held is found by bisection.

@@ -347,8 +347,8 @@ class StaticDecoder:
         lengths = [len(p) for p in prompts]
         if min(lengths) < 1 or max(lengths) > self.max_len:
             raise ValueError(f"prompt lengths must be 1..{self.max_len}, got {lengths}")
-        if any(not 0 <= s < self.slots for s in slots):
-            raise ValueError(f"slots must be 0..{self.slots - 1}, got {list(slots)}")
+        if any(not 0 <= s < self.slots for s in slots) or len(set(slots)) < len(slots):
+            raise ValueError(f"slots must be distinct, 0..{self.slots - 1}; got {list(slots)}")
         starts = [0] * len(prompts) if starts is None else [int(s) for s in starts]
         if len(starts) != len(prompts) or any(
                 not 0 <= s < n for s, n in zip(starts, lengths, strict=True)):
@@ -445,12 +445,14 @@ class StaticDecoder:
         """For each (source, target, n): the keys and values at positions 0..n-1 of slot
         `source` copied into slot `target` (every layer), so a prompt starting with the
         tokens `source` holds there prefills from position n on (`prefill`'s starts).
-        Targets must differ from every source."""
+        Each target once, and none of them a source."""
         import torch
 
         targets = {t for _, t, _ in copies}
         if any(s in targets for s, _, _ in copies):
             raise ValueError("copy_prefix: a slot is both a source and a target")
+        if len(targets) < len(copies):
+            raise ValueError("copy_prefix: a slot is the target of two copies")
         for s, t, n in copies:
             if not (0 <= s < self.slots and 0 <= t < self.slots and 0 < n <= self.max_len):
                 raise ValueError(f"copy_prefix: bad copy {(s, t, n)} for {self.slots} slots "

@@ -21,15 +21,15 @@ def test_the_longest_shared_prefix_is_found_past_the_whole_blocks() -> None:
     assert len(px) == 3
 
 
-def test_excluded_slots_are_skipped_and_the_preferred_one_wins_ties() -> None:
+def test_only_allowed_slots_count_and_the_preferred_one_wins_ties() -> None:
     px = SlotPrefixes(block=16)
     for slot in (3, 5, 9):
         px.put(slot, SYSTEM + [slot])
     assert px.match(SYSTEM + [0]) == (3, 40)
     assert px.match(SYSTEM + [0], prefer=9) == (9, 40)  # in place: no copy
     assert px.match(SYSTEM + [5], prefer=9) == (5, 41)  # a longer match beats the preferred
-    assert px.match(SYSTEM + [0], exclude={3, 5}) == (9, 40)
-    assert px.match(SYSTEM + [0], exclude={3, 5, 9}) == (None, 0)
+    assert px.match(SYSTEM + [0], allowed={9, 11}) == (9, 40)
+    assert px.match(SYSTEM + [0], allowed=[11]) == (None, 0)
 
 
 def test_a_slot_put_again_or_dropped_forgets_what_it_held() -> None:
@@ -51,9 +51,9 @@ def test_many_slots_and_long_prompts_take_one_pass_over_the_blocks() -> None:
     long = list(range(3000))
     for slot in range(256):
         px.put(slot, long[:1600 + slot])  # each one token longer than the one before
-    slot, n = px.match(long, exclude=range(200))
+    slot, n = px.match(long, allowed=range(200, 256))
     assert slot >= 240 and n >= 1840 and px.held[slot][:n] == long[:n]  # 115 whole blocks
-    assert px.match(long[:1650] + [-1], exclude={50, 51}) == (52, 1650)
+    assert px.match(long[:1650] + [-1], allowed=set(range(256)) - {50, 51}) == (52, 1650)
 
 
 def test_a_bad_block_size_is_refused() -> None:

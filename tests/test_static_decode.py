@@ -150,10 +150,14 @@ def test_bad_prefix_reuse_input_is_refused() -> None:
         dec.prefill([0], [[1, 2, 3]], starts=[3])  # the last token must be computed
     with pytest.raises(ValueError, match="starts must be one per prompt"):
         dec.prefill([0, 1], [[1, 2], [3, 4]], starts=[0])
-    with pytest.raises(ValueError, match="slots must be 0..1"):
+    with pytest.raises(ValueError, match="slots must be distinct, 0..1"):
         dec.prefill([2], [[1, 2]])
+    with pytest.raises(ValueError, match="slots must be distinct"):
+        dec.prefill([1, 1], [[1, 2], [3, 4]])
     with pytest.raises(ValueError, match="both a source and a target"):
         dec.copy_prefix([(0, 1, 4), (1, 0, 4)])
+    with pytest.raises(ValueError, match="target of two copies"):
+        dec.copy_prefix([(0, 1, 4), (0, 1, 8)])
     with pytest.raises(ValueError, match="bad copy"):
         dec.copy_prefix([(0, 1, 65)])
 
