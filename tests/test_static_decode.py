@@ -548,6 +548,14 @@ def test_static_engine_batches_a_shared_system_prompt_and_reuses_it(local: Any) 
 
 
 @pytest.mark.model
+def test_the_static_engine_freezes_the_startup_heap(engine: BatchingEngine) -> None:
+    import gc
+
+    engine.generate([call("Hi", max_tokens=2)])  # builds the static runner
+    assert engine.stats()["static_decode"] == "on" and gc.get_freeze_count() > 0
+
+
+@pytest.mark.model
 def test_static_engine_speculates_with_prompt_lookup(local: Any) -> None:
     from contextwise.backends.local import LocalBackend
 
