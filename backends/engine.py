@@ -661,8 +661,8 @@ def _freeze_gc_heap() -> None:
     """Once per process, with the model loaded and the decoder warm: move every object
     alive now into the garbage collector's permanent generation, which collections skip
     (`gc.freeze()`, as vLLM does after start-up). A full collection otherwise walks the
-    model's, tokenizer's and libraries' ~440,000 objects: 196 ms on 2 CPU cores, and one
-    landing in a round of 256 concurrent requests paused every thread for 227 ms
+    model's, tokenizer's and libraries' ~440,000 objects: 196-212 ms on 2 CPU cores; one
+    landing in a round of 256 concurrent requests made it 0.477 s instead of ~0.27
     (benchmarks/engine_host.py). Objects frozen are long-lived anyway; reference
     counting still frees them."""
     global _GC_FROZEN
