@@ -293,6 +293,26 @@ def test_a_triton_prefill_after_a_reused_prefix_equals_a_whole_one(
         assert {k[1:] for k in dec._graphs if k[0] == "prefill"} >= {(16, 128), (64, 64)}
 
 
+@kernels_run
+def test_the_runner_reuses_prefixes_on_the_triton_kernels() -> None:
+    """Continuous batching with prefix reuse on the kernels (on a GPU: graphed one-prompt
+    prefills after a reused prefix, device copies between slots): transformers' tokens."""
+    from test_static_decode import SHARED, Req, runner_for
+
+    model = tiny32()
+    dec = StaticDecoder(model, slots=4, max_len=512, kernels="triton", kv_layout="position")
+    got: dict[tuple[int, ...], list[int]] = {}
+    runner = runner_for(dec, got, later=[None, Req(SHARED + [90], 5)])
+    first = [SHARED + [60 + i, 70 + i] for i in range(3)]
+    runner.run([Req(p) for p in first])  # shared among new rows, then one more copied
+    second = [SHARED + [80 + i] for i in range(2)]
+    runner.run([Req(p) for p in second])  # in place
+    for p in first + second + [SHARED + [90]]:
+        assert got[tuple(p)] == reference(model, p, 5 if p[-1] == 90 else 6)
+    assert runner.stats["reused_tokens"] > 0 and runner.stats["copied_tokens"] > 0
+    assert dec.kernels == "triton"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
