@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import gc
 import itertools
 import threading
@@ -654,26 +655,20 @@ def slot_shape(budget: float, per_token: int, longest: int, wanted: int) -> tupl
     return length, min(wanted, int(budget // (length * per_token)))
 
 
-_GC_FROZEN = False
-
-
+@functools.cache  # once per process
 def _freeze_gc_heap() -> None:
-    """Once per process, with the model loaded and the decoder warm: move every object
-    alive now into the garbage collector's permanent generation, which collections skip
-    (`gc.freeze()`, as vLLM does after start-up). A full collection otherwise walks the
-    model's, tokenizer's and libraries' ~440,000 objects: 196-212 ms on 2 CPU cores; one
-    landing in a round of 256 concurrent requests made it 0.477 s instead of ~0.27
+    """With the model loaded and the decoder warm: move every object alive now into the
+    garbage collector's permanent generation, which collections skip (`gc.freeze()`, as
+    vLLM does after start-up). A full collection otherwise walks the model's,
+    tokenizer's and libraries' ~440,000 objects: 196-212 ms on 2 CPU cores; one landing
+    in a round of 256 concurrent requests made it 0.477 s instead of ~0.27
     (benchmarks/engine_host.py). Objects frozen are long-lived anyway; reference
     counting still frees them."""
-    global _GC_FROZEN
-    if _GC_FROZEN:
-        return
     gc.collect()
     gc.freeze()
     # at exit, thawed again: the interpreter's last collection must see them (bindings
     # such as nanobind's report objects still alive then as leaks)
     atexit.register(gc.unfreeze)
-    _GC_FROZEN = True
 
 
 def _is_local(backend: Backend) -> bool:

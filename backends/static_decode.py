@@ -401,7 +401,6 @@ class StaticDecoder:
         on (right-padded to the longest such part), attending over the slot's cache: the
         positions before the start hold the prompt's prefix already."""
         import torch
-        import torch.nn.functional as F
 
         width = max(n - s for n, s in zip(lengths, starts, strict=True))
         ids = torch.tensor([list(p[s:]) + [0] * (width - len(p) + s)
@@ -409,37 +408,53 @@ class StaticDecoder:
         offsets = torch.arange(width)
         pos = torch.tensor(starts)[:, None] + offsets  # [b, width]
         valid = offsets[None, :] < torch.tensor(lengths)[:, None] - torch.tensor(starts)[:, None]
-        window = self.window_for(max(lengths) - 1)
-        b, group = len(prompts), self.heads // self.kv_heads
+        b = len(prompts)
         with self._lock, torch.inference_mode():
             ids, pos, valid = (t.to(self.device) for t in (ids, pos, valid))
             where = torch.tensor(list(slots), dtype=torch.long, device=self.device)
             pos = pos.clamp(max=self.max_len - 1)  # padding past the slot: never written
-            put_slot = where[:, None].expand(b, width)[valid]
-            put_pos = pos[valid]
-            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [b, 1, width, D]
-            # query (head g of kv head h, token j) sees cache positions <= its position
-            mask = (self.arange[:window][None, None, :] <= pos[:, :, None])[:, None]
-            mask = mask.repeat(1, 1, group, 1)  # [b, 1, group * width, window], rows (g, j)
-
-            def write(i: int, k: Any, v: Any) -> None:
-                # only each prompt's own tokens: padding must not touch the slot's cache
-                self.k[i][put_slot, :, put_pos] = k.transpose(1, 2)[valid]
-                self.v[i][put_slot, :, put_pos] = v.transpose(1, 2)[valid]
-
-            def attend(i: int, q: Any, k: Any, v: Any) -> Any:
-                q = q.reshape(b, self.kv_heads, group * width, self.head_dim)
-                o = F.scaled_dot_product_attention(
-                    q, self.k[i][where, :, :window], self.v[i][where, :, :window],
-                    attn_mask=mask, scale=self.scale)
-                return o.reshape(b, self.heads, width, self.head_dim)
-
-            x = self.inner.embed_tokens(ids)
-            for i, layer in enumerate(self.layers):
-                x = self._layer(i, layer, x, cos, sin, write, attend)
+            # only each prompt's own tokens are written: padding must not touch the cache
+            put = (where[:, None].expand(b, width)[valid], pos[valid])
+            x = self._over_cache(ids, pos, self.window_for(max(lengths) - 1), where, put,
+                                 keep=valid)
             last = torch.tensor([n - s - 1 for n, s in zip(lengths, starts, strict=True)],
                                 device=self.device)
             return self._logits(x[torch.arange(b, device=self.device), last])
+
+    def _over_cache(self, ids: Any, pos: Any, window: int, read: Any, put: tuple[Any, Any],
+                    keep: Any = None) -> Any:
+        """The model's modules over tokens `ids` [b, t] at positions `pos` [b, t] (each
+        below max_len) of the b slots `read` (a slice or an index of slots): their keys
+        and values are written at `put` (slot and position indices; `keep` [b, t]: only
+        those tokens'), and each token attends to its slot's first `window` positions up
+        to its own. The last layer's output [b, t, hidden]. No host sync without `keep`."""
+        import torch.nn.functional as F
+
+        b, t = ids.shape
+        group = self.heads // self.kv_heads
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [b, 1, t, D]
+        # query (head g of kv head h, token j) sees cache positions <= token j's position
+        mask = (self.arange[:window][None, None, :] <= pos[:, :, None])[:, None]
+        mask = mask.repeat(1, 1, group, 1)  # [b, 1, group * t, window], rows (g, j)
+
+        def write(i: int, k: Any, v: Any) -> None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            if keep is not None:
+                k, v = k[keep], v[keep]
+            self.k[i][put[0], :, put[1]] = k
+            self.v[i][put[0], :, put[1]] = v
+
+        def attend(i: int, q: Any, k: Any, v: Any) -> Any:
+            q = q.reshape(b, self.kv_heads, group * t, self.head_dim)
+            o = F.scaled_dot_product_attention(
+                q, self.k[i][read, :, :window], self.v[i][read, :, :window], attn_mask=mask,
+                scale=self.scale)
+            return o.reshape(b, self.heads, t, self.head_dim)
+
+        x = self.inner.embed_tokens(ids)
+        for i, layer in enumerate(self.layers):
+            x = self._layer(i, layer, x, cos, sin, write, attend)
+        return x
 
     def copy_prefix(self, copies: Sequence[tuple[int, int, int]]) -> None:
         """For each (source, target, n): the keys and values at positions 0..n-1 of slot
@@ -748,32 +763,10 @@ class StaticDecoder:
         """The verify pass for slots 0..n-1, t tokens each, from the verify buffers:
         greedy tokens [n, t]. Fixed shapes, no host sync: capturable. Runs the model's
         modules (as prefill does), whatever the decode kernels."""
-        import torch.nn.functional as F
-
         assert self._verify_buffers is not None
         tokens, positions, banned = (b[:n, :t] for b in self._verify_buffers)
         pos = positions.clamp(max=self.max_len - 1)
-        rows = self.rows[:n]
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [n, 1, t, D]
-        group = self.heads // self.kv_heads
-        # query (head g of kv head h, token j) sees cache positions <= token j's position
-        mask = (self.arange[:window][None, None, :] <= pos[:, :, None])[:, None]
-        mask = mask.repeat(1, 1, group, 1)  # [n, 1, group * t, window], rows (g, j)
-
-        def write(i: int, k: Any, v: Any) -> None:
-            self.k[i][rows[:, None], :, pos] = k.transpose(1, 2)
-            self.v[i][rows[:, None], :, pos] = v.transpose(1, 2)
-
-        def attend(i: int, q: Any, k: Any, v: Any) -> Any:
-            q = q.reshape(n, self.kv_heads, group * t, self.head_dim)
-            o = F.scaled_dot_product_attention(
-                q, self.k[i][:n, :, :window], self.v[i][:n, :, :window], attn_mask=mask,
-                scale=self.scale)
-            return o.reshape(n, self.heads, t, self.head_dim)
-
-        x = self.inner.embed_tokens(tokens)
-        for i, layer in enumerate(self.layers):
-            x = self._layer(i, layer, x, cos, sin, write, attend)
+        x = self._over_cache(tokens, pos, window, slice(0, n), (self.rows[:n, None], pos))
         logits = self._logits(x)  # [n, t, vocab]
         if self.eos is not None:
             logits[..., self.eos].masked_fill_(banned > 0, float("-inf"))

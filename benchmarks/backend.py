@@ -50,6 +50,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -60,6 +61,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.common import RESULTS, chat, write_results
+from contextwise.types import Reply
 
 REQUESTS = 16
 STATIC_KV_MB = 768  # 16 slots of 1,024 tokens in fp32 (the prompts are ~40 tokens)
@@ -119,24 +121,36 @@ def plain_generate(backend: LocalBackend, questions: list[str], new_tokens: int,
 def concurrent(engine: BatchingEngine, questions: list[str], new_tokens: int,
                check: bool = True) -> tuple[list[str], list[float], float]:
     """(texts, latencies since the common start, wall time): one thread per request."""
-    texts: list[str] = [""] * len(questions)
-    latencies = [0.0] * len(questions)
+
+    def ask(i: int) -> Reply:
+        reply = engine.generate([chat(questions[i], new_tokens)])[0]
+        assert not check or reply.usage.completion_tokens == new_tokens, (
+            f"engine generated {reply.usage.completion_tokens} tokens, not {new_tokens}")
+        return reply
+
+    replies, latencies, secs = concurrent_calls(ask, len(questions))
+    return [r.text for r in replies], latencies, secs
+
+
+def concurrent_calls(ask: Callable[[int], Reply], n: int) -> tuple[list[Reply], list[float],
+                                                                  float]:
+    """(replies, latencies since the common start, wall time) of `ask(i)` for i < n, one
+    thread each, all released together; the first error is raised here."""
+    replies: list[Any] = [None] * n
+    latencies = [0.0] * n
     errors: list[BaseException] = []
-    barrier = threading.Barrier(len(questions) + 1)
+    barrier = threading.Barrier(n + 1)
     start: list[float] = []
 
     def worker(i: int) -> None:
         barrier.wait()
         try:
-            reply = engine.generate([chat(questions[i], new_tokens)])[0]
-            assert not check or reply.usage.completion_tokens == new_tokens, (
-                f"engine generated {reply.usage.completion_tokens} tokens, not {new_tokens}")
-            texts[i] = reply.text
+            replies[i] = ask(i)
             latencies[i] = time.perf_counter() - start[0]
         except BaseException as e:  # noqa: BLE001  (re-raised below, in the main thread)
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(questions))]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     start.append(time.perf_counter())
@@ -145,7 +159,7 @@ def concurrent(engine: BatchingEngine, questions: list[str], new_tokens: int,
         t.join()
     if errors:
         raise errors[0]
-    return texts, latencies, time.perf_counter() - start[0]
+    return replies, latencies, time.perf_counter() - start[0]
 
 
 def cpu_benchmark() -> dict[str, Any]:

@@ -154,8 +154,8 @@ def main() -> None:
                             kv_cache_mb=n * 4096 * 0.05)
     rounds: dict[str, list[tuple[float, float]]] = {"unfrozen": [], "frozen": []}
     full: dict[str, list[float]] = {"unfrozen": [], "frozen": []}
-    frozen_before = engine_module._GC_FROZEN
-    engine_module._GC_FROZEN = True  # the engine must not freeze during the first phase
+    freeze = engine_module._freeze_gc_heap
+    engine_module._freeze_gc_heap = lambda: None  # the engine must not freeze in phase 1
     gc.callbacks.append(watch)
     try:
         with bb.min_new_tokens(loaded.model, new), engine:
@@ -172,7 +172,7 @@ def main() -> None:
                     full[mode] += [c[1] for c in collections]
     finally:
         gc.callbacks.remove(watch)
-        engine_module._GC_FROZEN = frozen_before
+        engine_module._freeze_gc_heap = freeze
     for mode in ("unfrozen", "frozen"):  # a full collection's pause, model loaded
         if mode == "unfrozen":
             gc.unfreeze()

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -50,30 +49,10 @@ from benchmarks.prefix_cache import QUESTIONS, answer, call
 
 def wave(engine: Any, questions: list[str], new: int) -> tuple[list[Any], list[float], float]:
     """(replies, latencies since the common start, wall seconds): one thread per call."""
-    replies: list[Any] = [None] * len(questions)
-    latencies = [0.0] * len(questions)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(questions) + 1)
-    start: list[float] = []
+    from benchmarks.backend import concurrent_calls
 
-    def worker(i: int) -> None:
-        barrier.wait()
-        try:
-            replies[i] = engine.generate([call(questions[i], max_tokens=new)])[0]
-            latencies[i] = time.perf_counter() - start[0]
-        except BaseException as e:  # noqa: BLE001  (re-raised below, in the main thread)
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(questions))]
-    for t in threads:
-        t.start()
-    start.append(time.perf_counter())
-    barrier.wait()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return replies, latencies, time.perf_counter() - start[0]
+    return concurrent_calls(
+        lambda i: engine.generate([call(questions[i], max_tokens=new)])[0], len(questions))
 
 
 def main() -> None:
