@@ -121,6 +121,25 @@ class Pending:
         return self.host.tolist()
 
 
+class Alternating:
+    """Two buffers per shape, handed out in turn (made by `make(shape)` on first need):
+    a launched chunk's tokens land in one while the host still reads the chunk before
+    it from the other. (Reusing one buffer for two chunks in flight hands the first
+    chunk's reader the second chunk's tokens.)"""
+
+    def __init__(self, make: Any):
+        self.make = make
+        self.rings: dict[tuple[int, ...], list[Any]] = {}
+
+    def take(self, shape: tuple[int, ...]) -> Any:
+        ring = self.rings.setdefault(shape, [])
+        if len(ring) < 2:
+            ring.append(self.make(shape))
+        else:
+            ring.append(ring.pop(0))
+        return ring[-1]
+
+
 class StaticDecoder:
     """Preallocated KV cache for `slots` sequences of up to `max_len` tokens, and the
     prefill / decode passes over it. Not thread-safe: one caller (the engine's
@@ -173,7 +192,8 @@ class StaticDecoder:
         # None); ("prefill", width, window) -> (the graph, a one-prompt prefill's logits)
         self._graphs: dict[tuple, tuple[Any, Any]] = {}
         self._pool: Any = None
-        self._host: dict[tuple[int, ...], list[Any]] = {}  # pinned buffers for `launch`
+        self._host = Alternating(  # pinned host buffers for `launch`'s tokens
+            lambda shape: torch.empty(shape, dtype=torch.long, pin_memory=True))
         self._prefill_inputs: dict[int, Any] = {}  # width -> a graphed prefill's inputs
         self._lock = lock if lock is not None else threading.Lock()  # the model's, if shared
         # Plain float weights: q/k/v and gate/up become one matmul each (the modules'
@@ -262,12 +282,20 @@ class StaticDecoder:
         with self._lock, torch.inference_mode():
             while True:
                 try:
-                    for n in sorted({1, min(2, self.slots), min(32, self.slots)}):  # tile kinds
-                        for logits in (True, False):  # and the greedy head (2 steps: triton
-                            # specializes an int that is 1, as a 1-step launch's stride is)
+                    # each row block (16, 32, 64 rows: 1 and 2 rows take the batch-1 tiles)
+                    for n in sorted({1, min(2, self.slots), min(32, self.slots),
+                                     min(64, self.slots)}):
+                        for logits in (True, False):  # and the greedy head (2 steps: the
+                            # second's column of the chunk is 8 bytes off triton's alignment)
                             self.tokens[:n].zero_()
                             self.pos[:n].zero_()
                             self._run(n, self.window_for(0), 1 if logits else 2, logits)
+                    # attention split along the sequence (one kernel for every split count)
+                    wide = self.window_for(self.max_len - 1)
+                    if self.triton is not None and self.triton.splits(1, wide) > 1:
+                        self.tokens[:1].zero_()
+                        self.pos[:1].zero_()
+                        self._run(1, wide, 1, True)
                     break
                 except Exception as e:
                     if self.triton is None:
@@ -503,14 +531,18 @@ class StaticDecoder:
             width = max(16, _bucket(lengths[0] - starts[0], PREFILL_GRAPH_MAX))
             if starts[0] + width <= self.max_len:
                 return self._prefill_graphed(slots[0], prompts[0], starts[0], width)
-        host = torch.tensor([[t for p, s in zip(prompts, starts, strict=True) for t in p[s:]],
+        rows = sum(n - s for n, s in zip(lengths, starts, strict=True))
+        pad = [0] * (-rows % 8)  # each row of `host` 64-byte aligned, as triton assumes
+        host = torch.tensor([[t for p, s in zip(prompts, starts, strict=True) for t in p[s:]]
+                             + pad,
                              [j for n, s in zip(lengths, starts, strict=True)
-                              for j in range(s, n)],
+                              for j in range(s, n)] + pad,
                              [slot for slot, n, s in zip(slots, lengths, starts, strict=True)
-                              for _ in range(n - s)]],
+                              for _ in range(n - s)] + pad],
                             dtype=torch.long)
         with self._lock, torch.inference_mode():
-            ids, pos, where = host.to(self.device, non_blocking=True)
+            # (a misaligned row would compile the kernels anew: seconds, mid-serving)
+            ids, pos, where = host.to(self.device, non_blocking=True)[:, :rows]
             x = self.inner.embed_tokens(ids)
             for i, weights in enumerate(self.fused):
                 x = self.triton.layer(x, weights, self.k[i], self.v[i], pos, self.cos,
@@ -662,12 +694,7 @@ class StaticDecoder:
         with torch.inference_mode():
             if self.device.type != "cuda":  # no graphs: `out` is this call's own tensor
                 return Pending(out[:n], None)
-            shape = tuple(out.shape)
-            ring = self._host.setdefault(shape, [])
-            if len(ring) < 2:  # two in turn: one read while the next is written
-                ring.append(torch.empty(shape, dtype=out.dtype, pin_memory=True))
-            host = ring.pop(0)
-            ring.append(host)
+            host = self._host.take(tuple(out.shape))
             host.copy_(out, non_blocking=True)
             done = torch.cuda.Event()
             done.record()

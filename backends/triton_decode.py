@@ -35,9 +35,17 @@ On Hopper and later every kernel launches with programmatic dependent launch
 (`prefetch.global.L2`), and only then waits for that kernel's outputs, so a
 step's ~150 dependent launches overlap instead of paying each one's start-up
 and first DRAM round trip (H100, batch 1: 1,460 against 1,200 tok/s; 256 rows:
-190,750 against 164,770). `greedy_head` picks greedy tokens without logits: the
-final RMSNorm + lm_head + each vocabulary block's largest logit in one kernel, the
-row's first largest (torch.argmax's choice) in a second.
+190,750 against 164,770). Each kernel issues every load that does not need its
+matmul's result up front (the RMS pass over the row unrolled into one round trip;
+bias, residual, positions, rotary tables): at batch 1 a kernel's time is its chain
+of memory round trips (H100, the decoder alone: 1,628.7 against 1,474.2 tok/s at
+batch 1, 189,339.5 against 173,976.2 at 256 rows). Row counts and attention split
+counts are run-time arguments triton does not specialize on: the variants left
+(one per row block, split or not) are few enough for `StaticDecoder.warm_up` to
+compile them all, instead of a new row count compiling one mid-serving.
+`greedy_head` picks greedy tokens without logits: the final RMSNorm + lm_head +
+each vocabulary block's largest logit in one kernel, the row's first largest
+(torch.argmax's choice) in a second.
 
 On a machine without CUDA the same kernels run in Triton's interpreter (numpy):
 slow, for tests only. `compile_for_gpu` compiles them for a GPU architecture
@@ -63,6 +71,7 @@ __all__ = ["TritonLayers", "available", "compile_for_gpu"]
 
 _BL = 64  # cached positions per attention block
 _TARGET_PROGRAMS = 128  # attention programs to aim for (an H100 has 132 SMs)
+_MAX_SPLITS = 64  # attention splits of a row at most
 
 
 def available() -> str | None:
@@ -111,22 +120,42 @@ if triton is not None:
     def _begin(PDL: tl.constexpr):
         """With programmatic dependent launch (PDL), this kernel may start while the one
         before it runs: wait for it here (its outputs are this one's inputs), then let
-        the next kernel start (it prefetches its weights while this one computes)."""
-        if PDL:
+        the next kernel start (it prefetches its weights while this one computes).
+        PDL 2: let the next one start first, then wait (kernels further ahead start,
+        and prefetch, earlier; each still waits for the one before it to finish)."""
+        if PDL == 2:
+            gdc_launch_dependents()
+            gdc_wait()
+        elif PDL:
             gdc_wait()
             gdc_launch_dependents()
 
     @triton.jit
+    def _squares(x_ptr, rows, rmask, k0, HIDDEN: tl.constexpr, BK: tl.constexpr):
+        """Squares of columns k0..k0+BK of the rows of x [n, HIDDEN], float32 [BM, BK]."""
+        ks = k0 + tl.arange(0, BK)
+        xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
+                     mask=rmask[:, None] & (ks[None, :] < HIDDEN), other=0.0)
+        xv = xv.to(tl.float32)
+        return xv * xv
+
+    @triton.jit
     def _inv_rms(x_ptr, rows, rmask, eps, HIDDEN: tl.constexpr, BM: tl.constexpr,
-                 BK: tl.constexpr):
-        """1 / RMS of each of the rows of x [n, HIDDEN], in float32."""
-        ss = tl.zeros((BM,), dtype=tl.float32)
-        for k0 in range(0, HIDDEN, BK):
-            ks = k0 + tl.arange(0, BK)
-            xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
-                         mask=rmask[:, None] & (ks[None, :] < HIDDEN), other=0.0)
-            xv = xv.to(tl.float32)
-            ss += tl.sum(xv * xv, axis=1)
+                 BK: tl.constexpr, EARLY: tl.constexpr = 1):
+        """1 / RMS of each of the rows of x [n, HIDDEN], in float32. EARLY: the blocks'
+        squares are summed elementwise and reduced across the row once, in an unrolled
+        loop, so all the row's loads go out together (one memory round trip, not one a
+        block behind a reduction's barrier: at batch 1 a kernel's time is mostly such
+        round trips)."""
+        if EARLY:
+            sq = tl.zeros((BM, BK), dtype=tl.float32)
+            for k0 in tl.static_range(0, HIDDEN, BK):
+                sq += _squares(x_ptr, rows, rmask, k0, HIDDEN, BK)
+            ss = tl.sum(sq, axis=1)
+        else:
+            ss = tl.zeros((BM,), dtype=tl.float32)
+            for k0 in range(0, HIDDEN, BK):
+                ss += tl.sum(_squares(x_ptr, rows, rmask, k0, HIDDEN, BK), axis=1)
         return tl.rsqrt(ss / HIDDEN + eps)
 
     @triton.jit
@@ -144,12 +173,30 @@ if triton is not None:
     def _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, cols1, cols2, cmask, eps,
                       HIDDEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                      TWO: tl.constexpr = True):
+                      TWO: tl.constexpr = True, EARLY: tl.constexpr = 1):
         """The normed rows times two sets of weight rows (w [out, HIDDEN]): (h @ w[cols1].T,
-        h @ w[cols2].T), float32 [BM, BN] each; without TWO the first only (and zeros)."""
-        inv = _inv_rms(x_ptr, rows, rmask, eps, HIDDEN, BM, BK)
+        h @ w[cols2].T), float32 [BM, BN] each; without TWO the first only (and zeros).
+        EARLY 2: no pass over the rows before the matmul: (weight * x) @ w.T, scaled by
+        1 / RMS after it (the same sum, rounded differently from transformers' RMSNorm
+        in a 16-bit dtype)."""
         acc1 = tl.zeros((BM, BN), dtype=tl.float32)
         acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+        if EARLY == 2:
+            ss = tl.zeros((BM,), dtype=tl.float32)
+            for k0 in range(0, HIDDEN, BK):
+                ks = k0 + tl.arange(0, BK)
+                kmask = ks < HIDDEN
+                xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
+                             mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                ss += tl.sum(xv * xv, axis=1)
+                nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+                h = (xv * nw[None, :]).to(x_ptr.dtype.element_ty)
+                acc1 = _mac(h, w_ptr, cols1, ks, cmask, kmask, HIDDEN, acc1, UPCAST, IEEE)
+                if TWO:
+                    acc2 = _mac(h, w_ptr, cols2, ks, cmask, kmask, HIDDEN, acc2, UPCAST, IEEE)
+            inv = tl.rsqrt(ss / HIDDEN + eps)[:, None]
+            return acc1 * inv, acc2 * inv
+        inv = _inv_rms(x_ptr, rows, rmask, eps, HIDDEN, BM, BK, EARLY)
         for k0 in range(0, HIDDEN, BK):
             ks = k0 + tl.arange(0, BK)
             kmask = ks < HIDDEN
@@ -159,15 +206,29 @@ if triton is not None:
                 acc2 = _mac(h, w_ptr, cols2, ks, cmask, kmask, HIDDEN, acc2, UPCAST, IEEE)
         return acc1, acc2
 
+    @triton.jit
+    def _rotary(cos_ptr, sin_ptr, pos, half, rmask, D: tl.constexpr):
+        """cos and sin at each row's position for columns `half` of the first rotary half
+        and the same ones of the second: (cos1, cos2, sin1, sin2), float32 [rows, cols]."""
+        at = pos[:, None] * D + half[None, :]
+        c1 = tl.load(cos_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + at + D // 2, mask=rmask[:, None], other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + at + D // 2, mask=rmask[:, None], other=0.0).to(tl.float32)
+        return c1, c2, s1, s2
+
     def _norm_qkv_rope(x_ptr, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
                        q_ptr, kc_ptr, vc_ptr, n, eps, s_slot, s_head, s_pos,
                        HIDDEN: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                        D: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                        BK: tl.constexpr, QS: tl.constexpr, UPCAST: tl.constexpr,
                        IEEE: tl.constexpr, PDL: tl.constexpr = False,
-                       LINE: tl.constexpr = 64, PF: tl.constexpr = 0):
+                       LINE: tl.constexpr = 64, PF: tl.constexpr = 0,
+                       EARLY: tl.constexpr = 1):
         """Grid (row blocks, (heads + 2 * kv_heads) * QS): 1/QS of one head's D outputs
-        (the same columns of both rotary halves) for BM rows."""
+        (the same columns of both rotary halves) for BM rows. EARLY: the loads that
+        don't need the matmul (bias, positions, rotary tables, slots) go out before it,
+        the bias before the wait for the kernel before."""
         HALF: tl.constexpr = D // 2
         BH: tl.constexpr = HALF // QS
         head = tl.program_id(1) // QS
@@ -179,27 +240,35 @@ if triton is not None:
         if PF > 0:
             _prefetch(w_ptr, out1, HIDDEN, LINE, PF)
             _prefetch(w_ptr, out1 + HALF, HIDDEN, LINE, PF)
+        if EARLY and HAS_BIAS:
+            b1 = tl.load(b_ptr + out1).to(tl.float32)[None, :]
+            b2 = tl.load(b_ptr + out1 + HALF).to(tl.float32)[None, :]
         _begin(PDL)
+        if EARLY:
+            pos = tl.load(pos_ptr + rows, mask=rmask, other=0)
+            c1, c2, s1, s2 = _rotary(cos_ptr, sin_ptr, pos, half, rmask, D)
+            slot = tl.load(slot_ptr + rows, mask=rmask, other=0)  # the row's cache slot
         acc1, acc2 = _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, out1, out1 + HALF,
-                                   half < HALF, eps, HIDDEN, BM, BH, BK, UPCAST, IEEE)
+                                   half < HALF, eps, HIDDEN, BM, BH, BK, UPCAST, IEEE,
+                                   EARLY=EARLY)
         if HAS_BIAS:
-            acc1 += tl.load(b_ptr + out1).to(tl.float32)[None, :]
-            acc2 += tl.load(b_ptr + out1 + HALF).to(tl.float32)[None, :]
+            if not EARLY:
+                b1 = tl.load(b_ptr + out1).to(tl.float32)[None, :]
+                b2 = tl.load(b_ptr + out1 + HALF).to(tl.float32)[None, :]
+            acc1 += b1
+            acc2 += b2
         y1 = acc1.to(dt).to(tl.float32)  # the linear's output, rounded as transformers' is
         y2 = acc2.to(dt).to(tl.float32)
-        pos = tl.load(pos_ptr + rows, mask=rmask, other=0)
+        if not EARLY:
+            pos = tl.load(pos_ptr + rows, mask=rmask, other=0)
+            c1, c2, s1, s2 = _rotary(cos_ptr, sin_ptr, pos, half, rmask, D)
+            slot = tl.load(slot_ptr + rows, mask=rmask, other=0)
         if head < HEADS + KV_HEADS:  # queries and keys: rotary (rotate_half convention)
-            at = pos[:, None] * D + half[None, :]
-            c1 = tl.load(cos_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)
-            c2 = tl.load(cos_ptr + at + HALF, mask=rmask[:, None], other=0.0).to(tl.float32)
-            s1 = tl.load(sin_ptr + at, mask=rmask[:, None], other=0.0).to(tl.float32)
-            s2 = tl.load(sin_ptr + at + HALF, mask=rmask[:, None], other=0.0).to(tl.float32)
             r1 = y1 * c1 - y2 * s1
             r2 = y2 * c2 + y1 * s2
         else:
             r1 = y1
             r2 = y2
-        slot = tl.load(slot_ptr + rows, mask=rmask, other=0)  # the row's cache slot
         slot = slot.to(tl.int64)[:, None] * s_slot  # a big cache passes 2**31 elements
         if head < HEADS:
             dst = q_ptr + rows[:, None] * (HEADS * D) + head * D + half[None, :]
@@ -216,10 +285,12 @@ if triton is not None:
                 s_slot, s_head, s_pos,
                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
                 GROUP: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr,
-                SPLITS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                 PDL: tl.constexpr = False):
-        """Grid (rows, kv_heads, SPLITS): the GROUP query heads of one kv head of one row
-        over cached positions [split * chunk, min(pos + 1, (split + 1) * chunk))."""
+        """Grid (rows, kv_heads, splits): the GROUP query heads of one kv head of one row
+        over cached positions [split * chunk, min(pos + 1, (split + 1) * chunk)); SPLIT:
+        more than one split (partials out, for `_combine`). The split count is the
+        grid's, not a constexpr: one compiled kernel serves every count."""
         _begin(PDL)
         row = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -255,43 +326,54 @@ if triton is not None:
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             acc = _dot(p.to(dt), v, acc * alpha[:, None], UPCAST, IEEE)
             m = m_new
-        if SPLITS == 1:
+        if not SPLIT:
             tl.store(o_ptr + row * (HEADS * D) + qh[:, None] * D + d[None, :],
                      (acc / l_sum[:, None]).to(dt), mask=gmask[:, None])
         else:  # unnormalized partials; an empty split leaves m = -inf, l = 0
-            at = (row * HEADS + qh) * SPLITS + split
+            at = (row * HEADS + qh) * tl.num_programs(2) + split
             tl.store(part_ptr + at[:, None] * D + d[None, :], acc, mask=gmask[:, None])
             tl.store(ml_ptr + at * 2, m, mask=gmask)
             tl.store(ml_ptr + at * 2 + 1, l_sum, mask=gmask)
 
-    def _combine(part_ptr, ml_ptr, o_ptr, HEADS: tl.constexpr, D: tl.constexpr,
-                 SPLITS: tl.constexpr, PDL: tl.constexpr = False):
-        """Grid (rows, heads): the splits of one head of one row, weighted by their maxima."""
+    def _combine(part_ptr, ml_ptr, o_ptr, splits, HEADS: tl.constexpr, D: tl.constexpr,
+                 BS: tl.constexpr, PDL: tl.constexpr = False):
+        """Grid (rows, heads): the `splits` (<= BS) of one head of one row, weighted by
+        their maxima."""
         _begin(PDL)
         row = tl.program_id(0)
         h = tl.program_id(1)
-        sp = tl.arange(0, SPLITS)
+        sp = tl.arange(0, BS)
+        smask = sp < splits
         d = tl.arange(0, D)
-        at = (row * HEADS + h) * SPLITS + sp
-        m = tl.load(ml_ptr + at * 2)
-        l_sum = tl.load(ml_ptr + at * 2 + 1)
+        at = (row * HEADS + h) * splits + sp
+        m = tl.load(ml_ptr + at * 2, mask=smask, other=float("-inf"))
+        l_sum = tl.load(ml_ptr + at * 2 + 1, mask=smask, other=0.0)
         w = tl.exp(m - tl.max(m, axis=0))  # split 0 always holds position 0: the max is finite
-        acc = tl.load(part_ptr + at[:, None] * D + d[None, :])
+        acc = tl.load(part_ptr + at[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
         o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
         tl.store(o_ptr + (row * HEADS + h) * D + d, o.to(o_ptr.dtype.element_ty))
 
     def _matmul_add(a_ptr, w_ptr, b_ptr, x_ptr, n, N: tl.constexpr, K: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                    PDL: tl.constexpr = False, LINE: tl.constexpr = 64, PF: tl.constexpr = 0):
-        """x[:, cols] += a @ w[cols].T (+ bias), in place. Grid (row blocks, N / BN)."""
+                    PDL: tl.constexpr = False, LINE: tl.constexpr = 64, PF: tl.constexpr = 0,
+                    EARLY: tl.constexpr = 1):
+        """x[:, cols] += a @ w[cols].T (+ bias), in place. Grid (row blocks, N / BN).
+        EARLY: the bias is read before the wait for the kernel before, the residual
+        before the matmul."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        if PF > 0:
-            _prefetch(w_ptr, tl.minimum(cols, N - 1), K, LINE, PF)
-        _begin(PDL)
         rmask = rows < n
         cmask = cols < N
+        both = rmask[:, None] & cmask[None, :]
+        at = x_ptr + rows[:, None] * N + cols[None, :]
+        if PF > 0:
+            _prefetch(w_ptr, tl.minimum(cols, N - 1), K, LINE, PF)
+        if EARLY and HAS_BIAS:
+            bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        _begin(PDL)
+        if EARLY:
+            x = tl.load(at, mask=both, other=0.0).to(tl.float32)
         dt = x_ptr.dtype.element_ty
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -301,34 +383,45 @@ if triton is not None:
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
             acc = _mac(a, w_ptr, cols, ks, cmask, kmask, K, acc, UPCAST, IEEE)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if not EARLY:
+                bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            acc += bias
         y = acc.to(dt).to(tl.float32)
-        at = x_ptr + rows[:, None] * N + cols[None, :]
-        both = rmask[:, None] & cmask[None, :]
-        x = tl.load(at, mask=both, other=0.0).to(tl.float32)
+        if not EARLY:
+            x = tl.load(at, mask=both, other=0.0).to(tl.float32)
         tl.store(at, (x + y).to(dt), mask=both)
 
     def _norm_gate_up(x_ptr, nw_ptr, w_ptr, b_ptr, h_ptr, n, eps, HIDDEN: tl.constexpr,
                       INTER: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                       BN: tl.constexpr, BK: tl.constexpr,
                       UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr = False,
-                      LINE: tl.constexpr = 64, PF: tl.constexpr = 0):
-        """h[:, cols] = silu(gate) * up of the normed rows. Grid (row blocks, INTER / BN)."""
+                      LINE: tl.constexpr = 64, PF: tl.constexpr = 0,
+                      EARLY: tl.constexpr = 1):
+        """h[:, cols] = silu(gate) * up of the normed rows. Grid (row blocks, INTER / BN).
+        EARLY: the bias is read before the wait for the kernel before."""
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         if PF > 0:
             at = tl.minimum(cols, INTER - 1)
             _prefetch(w_ptr, at, HIDDEN, LINE, PF)
             _prefetch(w_ptr, INTER + at, HIDDEN, LINE, PF)
-        _begin(PDL)
         rmask = rows < n
         cmask = cols < INTER
+        if EARLY and HAS_BIAS:
+            b_g = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            b_u = tl.load(b_ptr + INTER + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        _begin(PDL)
         dt = x_ptr.dtype.element_ty
         acc_g, acc_u = _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, cols, INTER + cols,
-                                     cmask, eps, HIDDEN, BM, BN, BK, UPCAST, IEEE)
+                                     cmask, eps, HIDDEN, BM, BN, BK, UPCAST, IEEE,
+                                     EARLY=EARLY)
         if HAS_BIAS:
-            acc_g += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            acc_u += tl.load(b_ptr + INTER + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            if not EARLY:
+                b_g = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                b_u = tl.load(b_ptr + INTER + cols, mask=cmask, other=0.0).to(tl.float32)[
+                    None, :]
+            acc_g += b_g
+            acc_u += b_u
         gate = acc_g.to(dt).to(tl.float32)
         up = acc_u.to(dt).to(tl.float32)
         act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)  # F.silu's rounding
@@ -339,7 +432,8 @@ if triton is not None:
                      HIDDEN: tl.constexpr, VOCAB: tl.constexpr, BM: tl.constexpr,
                      BV: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
                      IEEE: tl.constexpr, PDL: tl.constexpr = False,
-                     LINE: tl.constexpr = 64, PF: tl.constexpr = 0):
+                     LINE: tl.constexpr = 64, PF: tl.constexpr = 0,
+                     EARLY: tl.constexpr = 1):
         """Grid (row blocks, VOCAB / BV): the final RMSNorm of BM rows times BV rows of the
         output embedding w [VOCAB, HIDDEN], rounded to the activation dtype as the
         lm_head's logits are; per row the block's largest logit (EOS at -inf while the
@@ -351,11 +445,14 @@ if triton is not None:
         if PF > 0:
             _prefetch(w_ptr, tl.minimum(cols, VOCAB - 1), HIDDEN, LINE, PF)
         _begin(PDL)
+        if EARLY:
+            ban = tl.load(ban_ptr + rows, mask=rmask, other=0)
         dt = x_ptr.dtype.element_ty
         acc, _ = _norm_matmul2(x_ptr, nw_ptr, w_ptr, rows, rmask, cols, cols, cmask, eps,
-                               HIDDEN, BM, BV, BK, UPCAST, IEEE, TWO=False)
+                               HIDDEN, BM, BV, BK, UPCAST, IEEE, TWO=False, EARLY=EARLY)
         logits = acc.to(dt).to(tl.float32)
-        ban = tl.load(ban_ptr + rows, mask=rmask, other=0)
+        if not EARLY:
+            ban = tl.load(ban_ptr + rows, mask=rmask, other=0)
         banned = (cols[None, :] == eos) & (ban[:, None] > 0)
         logits = tl.where(cmask[None, :] & ~banned, logits, float("-inf"))
         best = tl.max(logits, axis=1)
@@ -388,9 +485,17 @@ if triton is not None:
                 "head_argmax": _head_argmax, "pick": _pick}
 
 
+# Integer arguments triton must not specialize on (it compiles a kernel anew for each
+# value class: 1, multiples of 16, others): row counts and split counts vary with the
+# traffic, and a compile mid-serving stalls every request for seconds.
+_UNSPECIALIZED = {"norm_qkv_rope": ["n"], "matmul_add": ["n"], "norm_gate_up": ["n"],
+                  "head_argmax": ["n"], "combine": ["splits"], "pick": ["s_out"]}
+
+
 @functools.cache
 def _jitted() -> dict[str, Any]:
-    return {name: triton.jit(fn) for name, fn in _KERNELS.items()}
+    return {name: triton.jit(fn, do_not_specialize=_UNSPECIALIZED.get(name))
+            for name, fn in _KERNELS.items()}
 
 
 def _kernels(device: Any) -> dict[str, Any]:
@@ -437,11 +542,16 @@ class TritonLayers:
         # pdl: launch each kernel with programmatic dependent launch where the GPU has it
         # (compute capability 9+), so it starts while the one before it runs; prefetch:
         # such a kernel first asks L2 for its weights. bm: rows per matmul program at most;
-        # bv: vocabulary rows per program of the greedy head.
+        # bv: vocabulary rows per program of the greedy head. early: the matmul kernels
+        # issue the loads that don't depend on their matmul (norm row, bias, residual,
+        # positions, rotary tables) before it, so they overlap instead of adding round
+        # trips (0: after it, as before; 2: also no RMS pass before the matmul, its scale
+        # applied after; kept to measure). pdl 2: each kernel lets the next one start
+        # before it waits for the one before it.
         self.tiles = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages": 3,
                       "bk_small": 256, "warps_small": 4, "stages_small": 3, "qkv_split": 1,
                       "min_split": 256, "bm": 64, "pdl": 1, "prefetch": 1, "bv": 64,
-                      **(tiles or {})}
+                      "early": 1, **(tiles or {})}
 
     def uses_pdl(self, device: Any) -> bool:
         """Whether kernels on `device` launch with programmatic dependent launch."""
@@ -457,13 +567,15 @@ class TritonLayers:
                 return {}
             return _prefetch_lines(k, x.element_size())
 
-        return ({"PDL": True, "launch_pdl": True} if pdl else {}), prefetch
+        mode = 2 if self.tiles["pdl"] == 2 else 1
+        return ({"PDL": mode, "launch_pdl": True} if pdl else {}), prefetch
 
     def splits(self, n: int, window: int) -> int:
         """Sequence splits for attention: enough programs to fill the GPU, each split at
         least tiles["min_split"] positions of the window, a power of two."""
         s, least = 1, self.tiles["min_split"]
-        while n * self.kv_heads * s < _TARGET_PROGRAMS and window // (s * 2) >= least and s < 64:
+        while (n * self.kv_heads * s < _TARGET_PROGRAMS and window // (s * 2) >= least
+               and s < _MAX_SPLITS):
             s *= 2
         return s
 
@@ -492,7 +604,8 @@ class TritonLayers:
         qs = t["qkv_split"] if small and d // 2 // t["qkv_split"] >= 16 else 1
         rows = triton.cdiv(n, bm)
         chained, lines = self._chaining(x)
-        flags.update(num_warps=t["warps" + small], num_stages=t["stages" + small], **chained)
+        flags.update(num_warps=t["warps" + small], num_stages=t["stages" + small],
+                     EARLY=int(t["early"]), **chained)
         s_slot, s_head, s_pos, _ = kc.stride()
         q = torch.empty((n, heads * d), dtype=x.dtype, device=x.device)
         k["norm_qkv_rope"][(rows, (heads + 2 * kvh) * qs)](
@@ -511,9 +624,10 @@ class TritonLayers:
         k["attend"][(n, kvh, splits)](
             q, kc, vc, pos, slots, o, part, ml, self.scale, chunk, s_slot, s_head, s_pos,
             HEADS=heads, KV_HEADS=kvh, D=d, GROUP=self.group, BG=max(16, _pow2(self.group)),
-            BL=_BL, SPLITS=splits, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"], **chained)
+            BL=_BL, SPLIT=splits > 1, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"], **chained)
         if splits > 1:
-            k["combine"][(n, heads)](part, ml, o, HEADS=heads, D=d, SPLITS=splits, **chained)
+            k["combine"][(n, heads)](part, ml, o, splits, HEADS=heads, D=d, BS=_MAX_SPLITS,
+                                     **chained)
         k["matmul_add"][(rows, triton.cdiv(hidden, bn))](
             o, o_w, o_b if o_b is not None else o_w, x, n, N=hidden, K=heads * d,
             HAS_BIAS=o_b is not None, BM=bm, BN=bn, BK=_bk(heads * d, bk), **flags,
@@ -555,8 +669,8 @@ class TritonLayers:
             HIDDEN=hidden, VOCAB=vocab, BM=bm, BV=bv,
             BK=_bk(hidden, _block_k(t["bk" + small], x.dtype == torch.float32)),
             UPCAST=x.device.type != "cuda", IEEE=x.dtype == torch.float32,
-            num_warps=t["warps" + small], num_stages=t["stages" + small], **chained,
-            **lines(hidden))
+            num_warps=t["warps" + small], num_stages=t["stages" + small],
+            EARLY=int(t["early"]), **chained, **lines(hidden))
         k["pick"][(n,)](val, idx, out, tokens, pos, ban, out.stride(0), BLOCKS=blocks,
                         BB=_pow2(blocks), VOCAB=vocab, **chained)
 
@@ -593,13 +707,13 @@ def _bk(k: int, block: int = 128) -> int:
 def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, heads: int = 9,
                     kv_heads: int = 3, head_dim: int = 64, inter: int = 1536, vocab: int = 49152,
                     bm: int = 16, bn: int = 16, bk: int = 128, splits: int = 4,
-                    qkv_split: int = 1, warps: int = 4, stages: int = 3, pdl: bool = False
-                    ) -> dict[str, dict[str, Any]]:
+                    qkv_split: int = 1, warps: int = 4, stages: int = 3, pdl: bool = False,
+                    early: int = 1) -> dict[str, dict[str, Any]]:
     """Compile every kernel for CUDA compute capability `arch` without a GPU (Triton's
     bundled ptxas), with the tiles `TritonLayers.layer` would pick (`pdl`: launched
-    with programmatic dependent launch, the matmuls prefetching their weights); per
-    kernel its cubin size, shared memory in bytes and PTX. Raises if a kernel does
-    not lower."""
+    with programmatic dependent launch, the matmuls prefetching their weights; `early`:
+    the tile of that name); per kernel its cubin size, shared memory in bytes and PTX.
+    Raises if a kernel does not lower."""
     if triton is None:
         raise ValueError("triton is not installed")
     from triton.backends.compiler import GPUTarget
@@ -611,6 +725,7 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
     flags = {"UPCAST": False, "IEEE": dtype == "fp32"}
     bk = _block_k(bk, dtype == "fp32")
     chained = {"PDL": pdl}
+    loads = {"EARLY": early}
 
     def lines(k: int) -> dict[str, int]:
         spec = _prefetch_lines(k, 4 if dtype == "fp32" else 2)
@@ -623,30 +738,31 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
              "eps": "fp32", "s_slot": "i32", "s_head": "i32", "s_pos": "i32"},
             {"HIDDEN": hidden, "HEADS": heads, "KV_HEADS": kv_heads, "D": head_dim,
              "HAS_BIAS": True, "BM": bm, "BK": _bk(hidden, bk), "QS": qkv_split, **flags,
-             **chained, **lines(hidden)}),
+             **chained, **lines(hidden), **loads}),
         "attend": (
             {"q_ptr": p, "kc_ptr": p, "vc_ptr": p, "pos_ptr": i, "slot_ptr": i, "o_ptr": p,
              "part_ptr": f,
              "ml_ptr": f, "scale": "fp32", "chunk": "i32", "s_slot": "i32", "s_head": "i32",
              "s_pos": "i32"},
             {"HEADS": heads, "KV_HEADS": kv_heads, "D": head_dim, "GROUP": group,
-             "BG": max(16, _pow2(group)), "BL": _BL, "SPLITS": splits, **flags, **chained}),
-        "combine": ({"part_ptr": f, "ml_ptr": f, "o_ptr": p},
-                    {"HEADS": heads, "D": head_dim, "SPLITS": splits, **chained}),
+             "BG": max(16, _pow2(group)), "BL": _BL, "SPLIT": splits > 1, **flags,
+             **chained}),
+        "combine": ({"part_ptr": f, "ml_ptr": f, "o_ptr": p, "splits": "i32"},
+                    {"HEADS": heads, "D": head_dim, "BS": _MAX_SPLITS, **chained}),
         "matmul_add": (
             {"a_ptr": p, "w_ptr": p, "b_ptr": p, "x_ptr": p, "n": "i32"},
             {"N": hidden, "K": inter, "HAS_BIAS": True, "BM": bm, "BN": bn,
-             "BK": _bk(inter, bk), **flags, **chained, **lines(inter)}),
+             "BK": _bk(inter, bk), **flags, **chained, **lines(inter), **loads}),
         "norm_gate_up": (
             {"x_ptr": p, "nw_ptr": p, "w_ptr": p, "b_ptr": p, "h_ptr": p, "n": "i32",
              "eps": "fp32"},
             {"HIDDEN": hidden, "INTER": inter, "HAS_BIAS": True, "BM": bm, "BN": bn,
-             "BK": _bk(hidden, bk), **flags, **chained, **lines(hidden)}),
+             "BK": _bk(hidden, bk), **flags, **chained, **lines(hidden), **loads}),
         "head_argmax": (
             {"x_ptr": p, "nw_ptr": p, "w_ptr": p, "ban_ptr": i, "val_ptr": f,
              "idx_ptr": "*i32", "n": "i32", "eps": "fp32", "eos": "i32"},
             {"HIDDEN": hidden, "VOCAB": vocab, "BM": bm, "BV": 64, "BK": _bk(hidden, bk),
-             **flags, **chained, **lines(hidden)}),
+             **flags, **chained, **lines(hidden), **loads}),
         "pick": (
             {"val_ptr": f, "idx_ptr": "*i32", "out_ptr": i, "tok_ptr": i, "pos_ptr": i,
              "ban_ptr": i, "s_out": "i32"},

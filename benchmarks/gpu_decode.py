@@ -16,11 +16,17 @@ generation_config.min_new_tokens, which both paths honour). In one process:
    cache, decode steps replayed as CUDA graphs, `decode_steps` greedy tokens per
    replay, chunks launched one ahead): one request (`gpu_bs1_tok_s`) and N
    concurrent callers (`gpu_256_tok_s`, latency p50/p95), after a warm-up that
-   captures the graphs: the median of 3 timed rounds (all 3 in `*_rounds_tok_s`);
-3. the same engine on the PyTorch kernels (`*_torch` keys; --no-torch skips it),
-   and the Triton decoder alone at batch 1 for a few tile settings;
+   captures the graphs: the median of 3 timed rounds at batch 1, 5 at N (all of
+   them in `*_rounds_tok_s`; at N also the kernel variants triton compiled during
+   each round, `gpu_256_rounds_compiled_kernels`: 0 after a complete warm-up);
+3. the same engine on the PyTorch kernels (`*_torch` keys; --no-torch skips them
+   here and below);
+   the Triton decoder alone for a few tile settings, at batch 1 and N rows
+   (`decoder_*_triton_sweep`);
 4. the decoder alone, each kind of kernels: batch 1 with 8 and 1 steps per
-   replay, without graphs, and N rows; the kernel profile of eager steps;
+   replay, without graphs, and N rows; the kernel profile of eager steps (the
+   Triton one also without programmatic dependent launch, `*_nopdl`, where each
+   kernel's time is its own, not overlapped with the next one's start);
 5. greedy equality of the static engine (both kernels) against the
    single-request path, in bf16 and in fp32;
 6. optional (--compile, time permitting): the decode step compiled by
@@ -50,7 +56,13 @@ def main() -> None:
     parser.add_argument("--no-int8", dest="int8", action="store_false",
                         help="skip the int8-weights row")
     parser.add_argument("--no-torch", dest="torch_rows", action="store_false",
-                        help="skip the engine on the PyTorch kernels")
+                        help="skip everything on the PyTorch kernels (engine, decoder, "
+                             "profile, greedy check)")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip the kernel profiles")
+    parser.add_argument("--greedy-checks", type=int, default=6,
+                        help="requests in the greedy-equality check (the single path "
+                             "runs them at ~10 tok/s)")
     parser.add_argument("--budget-s", type=float, default=420,
                         help="optional phases start only before this many seconds")
     args = parser.parse_args()
@@ -96,10 +108,12 @@ def main() -> None:
     prompt = enc[0]
     if args.torch_rows:
         other_rows(plain, questions, prompt, new, out, log, save)
+    if gpu:
+        tile_sweep(model, prompt, n, new, out, log, save)
 
     # 4. the decoder alone: steps per replay, graphs on/off at batch 1; and at N (the
     # engine's figure against it is the engine's own overhead)
-    kinds = ("triton", "torch") if gpu else ("torch",)
+    kinds = (("triton", "torch") if args.torch_rows else ("triton",)) if gpu else ("torch",)
     for kernels in kinds:
         for rows, graphs, steps, count in ((1, True, 8, new), (1, True, 1, new),
                                            (1, False, 1, 16), (n, True, 8, new)):
@@ -114,23 +128,28 @@ def main() -> None:
     save()
 
     # 4b. where a decode step's GPU time goes: kernels of eager steps (no graph), top 12
-    if gpu:
+    if gpu and args.profile:
         try:
             profile_steps(out, args.out, model, prompt, n, log, kernels="triton")
+            profile_steps(out, args.out, model, prompt, n, log, kernels="triton",
+                          tiles={"pdl": 0})
             for compiled in (False, True) if args.compile else (False,):
-                profile_steps(out, args.out, model, prompt, n, log, compiled)
+                if args.torch_rows:
+                    profile_steps(out, args.out, model, prompt, n, log, compiled)
         except Exception as e:  # noqa: BLE001  (a figure lost, not the run)
             out["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         save()
 
     # 4. greedy equality, static engine against the single-request path
-    few = questions[:6]  # the single path is slow on a GPU (~12 tok/s)
+    few = questions[:args.greedy_checks]  # the single path is slow on a GPU (~12 tok/s)
     for dtype, lb in (("bfloat16", plain), ("float32", None)):
         if lb is None:
             lb = LocalBackend(loaded=load_model(str(folder), device=args.device, dtype=dtype),
                               prefix_cache_mb=0)
         seq = [lb.generate([bb.chat(q, 32)])[0].text for q in few]
-        variants = [("", {}), ("_torch", {"decode_kernels": "torch"})]
+        variants = [("", {})]
+        if args.torch_rows:
+            variants.append(("_torch", {"decode_kernels": "torch"}))
         if args.compile:
             variants.append(("_compiled", {"compile_decode": True}))
         for tag, kw in variants:
@@ -200,10 +219,8 @@ def other_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
                out: dict[str, Any], log: Any, save: Any) -> None:
     """The engine on the PyTorch kernels at batch 1 and N (`*_torch` keys); the default
     engine at N waiting for each chunk's tokens before the next launch
-    (`gpu_256_tok_s_no_run_ahead`); the Triton decoder alone at batch 1 for a few tile
-    settings (each compiles anew: seconds)."""
+    (`gpu_256_tok_s_no_run_ahead`)."""
     import torch
-    from contextwise.backends.static_decode import StaticDecoder
 
     from benchmarks import backend as bb
 
@@ -230,31 +247,53 @@ def other_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
         eng.close()
         log(f"gpu_256_tok_s_no_run_ahead: {out['gpu_256_tok_s_no_run_ahead']}")
         save()
-    if not gpu:
-        return
-    sweep = {}
-    for tiles in ({}, {"bk_small": 128}, {"bk_small": 512}, {"qkv_split": 2},
-                  {"warps_small": 2}):
-        dec = StaticDecoder(model, slots=1, max_len=1024, kernels="triton")
-        if dec.triton is None:
-            out["triton_note"] = dec.stats.get("kernels_note")
-            return
-        dec.triton.tiles.update(tiles)
-        name = ",".join(f"{k}={v}" for k, v in sorted(tiles.items())) or "default"
-        sweep[name] = decoder_tok_s(dec, prompt, 1, new, 8, sync)
-        log(f"triton decoder x1 {name}: {sweep[name]} tok/s")
-        del dec
-    out["decoder_bs1_triton_sweep"] = sweep
-    save()
+
+
+def tile_sweep(model: Any, prompt: list[int], n: int, new: int, out: dict[str, Any],
+               log: Any, save: Any) -> None:
+    """The Triton decoder alone for a few tile settings, same process (each compiles
+    anew: seconds): at batch 1, and at n rows with and without the early loads."""
+    import torch
+    from contextwise.backends.static_decode import StaticDecoder
+
+    for rows, key, variants in (
+            (1, "decoder_bs1_triton_sweep", ({}, {"early": 0}, {"stages_small": 4})),
+            (n, "decoder_many_triton_sweep", ({}, {"early": 0}))):
+        sweep = {}
+        for tiles in variants:
+            dec = StaticDecoder(model, slots=rows, max_len=1024, kernels="triton")
+            if dec.triton is None:
+                out["triton_note"] = dec.stats.get("kernels_note")
+                return
+            dec.triton.tiles.update(tiles)
+            name = ",".join(f"{k}={v}" for k, v in sorted(tiles.items())) or "default"
+            sweep[name] = decoder_tok_s(dec, prompt, rows, new, 8, torch.cuda.synchronize)
+            log(f"triton decoder x{rows} {name}: {sweep[name]} tok/s")
+            del dec
+        out[key] = sweep
+        save()
+
+
+def compiled_variants() -> int:
+    """Kernel variants triton has compiled in this process, all decode kernels (a new
+    one inside a timed round is a compile stall)."""
+    try:
+        from contextwise.backends.triton_decode import _jitted
+
+        return sum(len(cache[0]) for fn in _jitted().values()
+                   for cache in fn.device_caches.values())
+    except Exception:  # noqa: BLE001  (no triton, or its internals moved: no count)
+        return -1
 
 
 def warm_and_time(eng: Any, qs: list[str], new: int, sync: Any, after_warm_up: Any = None,
-                  rounds: int = 1, times: list[float] | None = None
-                  ) -> tuple[list[float], float, float]:
+                  rounds: int = 1, times: list[float] | None = None,
+                  compiles: list[int] | None = None) -> tuple[list[float], float, float]:
     """(latencies, seconds, warm-up seconds) of `qs` through `eng`, timed after one
     warm-up round (it compiles and captures the graphs; `after_warm_up(eng)` runs then):
-    the median of `rounds` timed rounds (each round's seconds appended to `times`; runs
-    of the same code vary by several percent on a lent GPU host)."""
+    the median of `rounds` timed rounds (each round's seconds appended to `times`, the
+    kernel variants it compiled to `compiles`; runs of the same code vary by several
+    percent on a lent GPU host)."""
     from benchmarks import backend as bb
 
     t0 = time.perf_counter()
@@ -265,8 +304,11 @@ def warm_and_time(eng: Any, qs: list[str], new: int, sync: Any, after_warm_up: A
     runs = []
     for _ in range(rounds):
         sync()
+        before = compiled_variants()
         _, lat, secs = bb.concurrent(eng, qs, new)
         runs.append((secs, lat))
+        if compiles is not None:
+            compiles.append(compiled_variants() - before)
     if times is not None:
         times.extend(secs for secs, _ in runs)
     secs, lat = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
@@ -317,13 +359,16 @@ def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any]
         log(f"static engine bs1: {out['gpu_bs1_tok_s']} tok/s")
         save()
         eng = engine_for(plain, n, **engine_kw)
-        times = []
-        lat, secs, _ = warm_and_time(eng, questions, new, sync, rounds=3, times=times)
+        times, compiles = [], []
+        lat, secs, _ = warm_and_time(eng, questions, new, sync, rounds=5, times=times,
+                                     compiles=compiles)
         out.update({
-            "gpu_256_tok_s": round(n * new / secs, 1),  # the median of 3 rounds
+            "gpu_256_tok_s": round(n * new / secs, 1),  # the median of 5 rounds
             "gpu_256_rounds_tok_s": [round(n * new / t, 1) for t in times],
+            "gpu_256_rounds_compiled_kernels": compiles,
             "gpu_256_latency_p50_s": round(statistics.median(lat), 3),
             "gpu_256_latency_p95_s": round(bb.percentile(lat, 95), 3),
+            "gpu_256_latency_max_s": round(max(lat), 3),
             "gpu_256_stats": eng.stats().get("static"),
         })
         eng.close()
@@ -356,8 +401,10 @@ def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any]
 
 
 def profile_steps(out: dict[str, Any], folder: Path, model: Any, prompt: list[int], n: int,
-                  log: Any, compiled: bool = False, kernels: str = "torch") -> None:
-    """Kernels of three eager decode steps (no graph) at batch 1 and n: the top 12 by GPU time."""
+                  log: Any, compiled: bool = False, kernels: str = "torch",
+                  tiles: dict[str, int] | None = None) -> None:
+    """Kernels of three eager decode steps (no graph) at batch 1 and n: the top 12 by GPU
+    time (`tiles`: Triton tile settings, {"pdl": 0} tagged `_nopdl`)."""
     import torch
     from contextwise.backends.static_decode import StaticDecoder
     from torch.profiler import ProfilerActivity, profile
@@ -365,6 +412,8 @@ def profile_steps(out: dict[str, Any], folder: Path, model: Any, prompt: list[in
     for rows in (1, n):
         dec = StaticDecoder(model, slots=rows, max_len=1024, cuda_graphs=False,
                             compile=compiled, kernels=kernels)
+        if tiles and dec.triton is not None:
+            dec.triton.tiles.update(tiles)
         dec.warm_up()
         dec.prefill(list(range(rows)), [prompt] * rows)
         args_ = (rows, [1] * rows, [len(prompt)] * rows)
@@ -376,7 +425,8 @@ def profile_steps(out: dict[str, Any], folder: Path, model: Any, prompt: list[in
             torch.cuda.synchronize()
         events = prof.key_averages()
         tag = (f"profile{'_compiled' if compiled else ''}"
-               f"{'_triton' if kernels == 'triton' else ''}_n{rows}")
+               f"{'_triton' if kernels == 'triton' else ''}"
+               f"{'_nopdl' if tiles == {'pdl': 0} else ''}_n{rows}")
         (folder / f"{tag}.txt").write_text(
             events.table(sort_by="self_device_time_total", row_limit=12))
         total = sum(e.self_device_time_total for e in events) / 3

@@ -2,7 +2,7 @@
 
     python -m benchmarks.prefix_reuse                 # CPU, the embedded model
     python -m benchmarks.prefix_reuse --device cuda   # a GPU (bf16)
-    python -m benchmarks.prefix_reuse --device cuda --config-dir DIR  # random weights
+    python -m benchmarks.prefix_reuse --device cuda --config-dir DIR --engines static,reuse
 
 Every request is benchmarks/prefix_cache.py's support-assistant call: a ~1,500-token
 system part (policy and four tools) and one short question. Three engines over the
@@ -27,9 +27,10 @@ Workloads, each engine warmed up first (one request) and then:
 
 Reported per engine: wall time and tokens/s of each wave, its median latency, the
 sequential median latency, the static engines' prompt tokens prefilled and reused;
-ratios `reuse` against `static` and against `single`; and whether all three gave the
-same greedy replies (text, tool calls, token counts). Writes
-benchmarks/results/prefix_reuse.json.
+ratios `reuse` against `static` and against `single`; and whether they gave the
+same greedy replies (text, tool calls, token counts). `--engines` picks some of the
+three (on a GPU `single` is the single-request path at ~10 tok/s: minutes). Writes
+benchmarks/results/prefix_reuse.json (prefix_reuse_gpu.json off the CPU).
 """
 
 from __future__ import annotations
@@ -65,7 +66,12 @@ def main() -> None:
                         help="a model's config and tokenizer: random weights in its shapes "
                         "(a machine without the model file; replies then differ in kind, "
                         "not in timing)")
+    parser.add_argument("--engines", default="single,static,reuse",
+                        help="which of single, static, reuse to run (reuse always runs)")
     args = parser.parse_args()
+    chosen = {e.strip() for e in args.engines.split(",") if e.strip()} | {"reuse"}
+    if not chosen <= {"single", "static", "reuse"}:
+        parser.error(f"--engines: unknown {sorted(chosen - {'single', 'static', 'reuse'})}")
 
     import torch
     from contextwise.backends.engine import BatchingEngine
@@ -88,16 +94,15 @@ def main() -> None:
     agent = [QUESTIONS[(2 * n + i) % len(QUESTIONS)] for i in range(args.sequential)]
     common = {"max_batch": n, "max_wait_ms": 50, "kv_cache_mb": 1024}
 
-    def engines() -> dict[str, Any]:
-        cached = LocalBackend(loaded=loaded)  # prefix cache: the device's default
-        plain = LocalBackend(loaded=loaded, prefix_cache_mb=0)
-        return {
-            "single": BatchingEngine(LocalBackend(loaded=loaded, prefix_cache_mb=256),
-                                     static_decode="off", **common),
-            "static": BatchingEngine(plain, static_decode="on", reuse_prefixes=False,
-                                     **common),
-            "reuse": BatchingEngine(cached, static_decode="on", **common),
-        }
+    engines = {  # built one at a time: each static engine holds its own KV cache
+        "single": lambda: BatchingEngine(LocalBackend(loaded=loaded, prefix_cache_mb=256),
+                                         static_decode="off", **common),
+        "static": lambda: BatchingEngine(LocalBackend(loaded=loaded, prefix_cache_mb=0),
+                                         static_decode="on", reuse_prefixes=False, **common),
+        # prefix cache: the device's default
+        "reuse": lambda: BatchingEngine(LocalBackend(loaded=loaded), static_decode="on",
+                                        **common),
+    }
 
     out: dict[str, Any] = {"device": str(loaded.device), "dtype": str(loaded.model.dtype),
                            "weights": "random" if args.config_dir else spec,
@@ -109,8 +114,10 @@ def main() -> None:
         for q in questions))
     answers: dict[str, list[Any]] = {}
     with min_new_tokens(loaded.model, new):
-        for name, engine in engines().items():
-            with engine:
+        for name, build in engines.items():
+            if name not in chosen:
+                continue
+            with build() as engine:
                 engine.generate([call("Hello!", max_tokens=2)])  # first-use costs
                 got = []
                 for w, qs in (("wave1", questions), ("wave2", later)):
@@ -136,15 +143,14 @@ def main() -> None:
                 out[f"{name}_single_calls"] = s["single_calls"]
             print(f"{name}: done", flush=True)
 
-    for w in ("wave1", "wave2"):
-        for base in ("static", "single"):
+    bases = [b for b in ("static", "single") if b in chosen]
+    for base in bases:
+        for w in ("wave1", "wave2"):
             out[f"reuse_{w}_speedup_vs_{base}"] = round(out[f"{base}_{w}_s"] / out[f"reuse_{w}_s"],
                                                         2)
-    for base in ("static", "single"):
         out[f"reuse_sequential_speedup_vs_{base}"] = round(
             out[f"{base}_sequential_latency_p50_s"] / out["reuse_sequential_latency_p50_s"], 2)
-    out["replies_identical_reuse_static"] = answers["reuse"] == answers["static"]
-    out["replies_identical_reuse_single"] = answers["reuse"] == answers["single"]
+        out[f"replies_identical_reuse_{base}"] = answers["reuse"] == answers[base]
 
     table = Table(title=f"prefix reuse: {n} concurrent requests x 2 waves, then "
                         f"{args.sequential} sequential; ~{out['prompt_tokens_p50']}-token "
@@ -153,7 +159,7 @@ def main() -> None:
     for col in ("wave 1 s", "wave 2 s", "wave 2 tok/s", "wave 2 p50 s", "sequential p50 s",
                 "prefilled", "reused"):
         table.add_column(col, justify="right")
-    for name in ("single", "static", "reuse"):
+    for name in (e for e in ("single", "static", "reuse") if e in chosen):
         table.add_row(name, str(out[f"{name}_wave1_s"]), str(out[f"{name}_wave2_s"]),
                       str(out[f"{name}_wave2_tok_s"]), str(out[f"{name}_wave2_latency_p50_s"]),
                       str(out[f"{name}_sequential_latency_p50_s"]),
@@ -161,7 +167,8 @@ def main() -> None:
                       str(out.get(f"{name}_reused_tokens", "-")))
     Console().print(table)
     print({k: v for k, v in out.items() if "speedup" in k or "identical" in k})
-    print(f"wrote {write_results('prefix_reuse', out)}")
+    gpu = not out["device"].startswith("cpu")
+    print(f"wrote {write_results('prefix_reuse_gpu' if gpu else 'prefix_reuse', out)}")
 
 
 if __name__ == "__main__":

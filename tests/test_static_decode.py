@@ -105,6 +105,23 @@ def test_a_resumed_launch_goes_on_from_the_last_one_on_the_device() -> None:
     assert got == want
 
 
+def test_launches_in_flight_land_in_different_host_buffers() -> None:
+    """On CUDA a launch's tokens are copied into a pinned host buffer; a chunk launched
+    before the one before it is read must not write that one's buffer (it did for the
+    first two launches of a shape: on an H100 a runner's first chunk read the second
+    chunk's tokens)."""
+    from contextwise.backends.static_decode import Alternating
+
+    made: list[tuple[int, ...]] = []
+    buffers = Alternating(lambda shape: made.append(shape) or object())
+    a, b = buffers.take((4, 8)), buffers.take((4, 8))
+    assert a is not b
+    assert [buffers.take((4, 8)) for _ in range(4)] == [a, b, a, b]
+    c = buffers.take((2, 8))
+    assert c is not a and c is not b
+    assert made == [(4, 8), (4, 8), (2, 8)]
+
+
 def test_a_slot_refilled_forgets_its_old_sequence() -> None:
     model = tiny()
     dec = StaticDecoder(model, slots=1, max_len=256)

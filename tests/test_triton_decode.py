@@ -130,6 +130,8 @@ def test_many_attention_splits_some_empty_combine_exactly() -> None:
 @pytest.mark.parametrize("tiles", [
     {"qkv_split": 2, "bk_small": 1024, "stages_small": 1, "warps_small": 2},
     {"bk_small": 64},  # three blocks of the reduction
+    {"bk_small": 64, "early": 0},  # the loads after the matmul, the RMS loop not unrolled
+    {"early": 2},  # the RMS scale after the matmul (float32: the same up to rounding)
 ])
 def test_small_batch_tiles_and_a_position_major_cache_give_the_same_layer(
         tiles: dict[str, int]) -> None:
@@ -337,6 +339,34 @@ def test_triton_kernels_under_cuda_graphs_equal_the_torch_kernels(dtype: str,
         assert (got_x - want_x).abs().mean() < 0.02 * want_x.abs().mean()
 
 
+def compiled_variants() -> int:
+    """How many kernel variants triton has compiled so far, all decode kernels."""
+    from contextwise.backends.triton_decode import _jitted
+
+    return sum(len(cache[0]) for fn in _jitted().values()
+               for cache in fn.device_caches.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_after_warm_up_no_traffic_shape_compiles_a_kernel() -> None:
+    """Row counts, prompt mixes and attention splits vary with the traffic; compiling a
+    kernel variant mid-serving stalls every request for seconds."""
+    model = tiny32(dtype=torch.bfloat16)
+    dec = StaticDecoder(model, slots=128, max_len=1024, kernels="triton")
+    dec.warm_up()
+    before = compiled_variants()
+    for rows in (2, 3, 5, 16, 17, 24, 31, 32, 40, 48, 100):  # prefills, 2 prompts each
+        a = rows // 2
+        dec.prefill([0, 1], [list(range(1, a + 1)), list(range(1, rows - a + 1))])
+    dec.prefill([2], [[i % 100 + 1 for i in range(300)]])  # past the graphs' widths
+    for n in (1, 2, 4, 8, 16, 32, 64, 128):  # decode buckets, short and long windows
+        for pos in (5, 900):
+            dec.launch(n, [1] * n, [pos] * n, steps=8).tokens()
+    assert dec.kernels == "triton"
+    assert compiled_variants() == before
+
+
 def test_the_kernels_compile_for_an_h100() -> None:
     from contextwise.backends.triton_decode import compile_for_gpu
 
@@ -354,8 +384,8 @@ def test_the_kernels_compile_for_an_h100() -> None:
 
 def test_chained_kernels_prefetch_their_weights_before_waiting() -> None:
     """With programmatic dependent launch a kernel starts while the one before it runs:
-    it may touch only its weights (L2 prefetches) before `griddepcontrol.wait`, and
-    lets the next kernel start right after that wait."""
+    it may touch only its constants (L2 prefetches of its weights, its bias) before
+    `griddepcontrol.wait`, and lets the next kernel start right after that wait."""
     from contextwise.backends.triton_decode import compile_for_gpu
 
     if INTERPRETED:
@@ -370,7 +400,9 @@ def test_chained_kernels_prefetch_their_weights_before_waiting() -> None:
             first_load = next(i for i, line in enumerate(lines) if "ld.global" in line)
             first_store = next(i for i, line in enumerate(lines) if "st.global" in line)
             prefetches = [i for i, line in enumerate(lines) if "prefetch.global.L2" in line]
-            assert wait < launch < first_load and wait < first_store, name
+            assert wait < launch and wait < first_store, name
+            biased = name in ("norm_qkv_rope", "matmul_add", "norm_gate_up")  # HAS_BIAS
+            assert (first_load < wait) == biased, name
             if name in ("norm_qkv_rope", "matmul_add", "norm_gate_up", "head_argmax"):
                 assert prefetches and max(prefetches) < wait, name
             else:
