@@ -268,13 +268,14 @@ class StaticDecoder:
         return None
 
     def warm_up(self) -> None:
-        """Compile the decode layer now (n = 1, 2 and 32: each tile kind; on the Triton
-        kernels also the greedy head, and the prefill's row blocks of 32 and 64, with
-        graphs each one-prompt prefill graph up to PREFILL_GRAPH_MAX tokens, from position
-        0 and after a reused prefix in windows up to 1,024), not on the
-        first requests (seconds each); a no-op unless compiled or on the Triton kernels
-        (on CUDA: they compile on first use). Writes only garbage: at position 0 of the
-        first 32 slots, and at the first positions of slot 0."""
+        """Compile the decode layer now (n = 1, 2, 32 and 64: each tile kind; on the
+        Triton kernels also the greedy head, the attention split along the sequence, and
+        the prefill's row blocks of 32 and 64, with graphs each one-prompt prefill graph
+        up to PREFILL_GRAPH_MAX tokens, from position 0 and after a reused prefix in
+        windows up to 1,024), not on the first requests (seconds each); a no-op unless
+        compiled or on the Triton kernels (on CUDA: they compile on first use). Writes
+        only garbage: at position 0 of the first 64 slots, and at the first positions
+        of slot 0."""
         import torch
 
         if not (self.compiled or (self.triton is not None and self.device.type == "cuda")):

@@ -181,20 +181,20 @@ if triton is not None:
         in a 16-bit dtype)."""
         acc1 = tl.zeros((BM, BN), dtype=tl.float32)
         acc2 = tl.zeros((BM, BN), dtype=tl.float32)
-        if EARLY == 2:
-            ss = tl.zeros((BM,), dtype=tl.float32)
+        if EARLY == 2:  # squares summed elementwise: no cross-warp reduction in the loop
+            sq = tl.zeros((BM, BK), dtype=tl.float32)
             for k0 in range(0, HIDDEN, BK):
                 ks = k0 + tl.arange(0, BK)
                 kmask = ks < HIDDEN
                 xv = tl.load(x_ptr + rows[:, None] * HIDDEN + ks[None, :],
                              mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-                ss += tl.sum(xv * xv, axis=1)
+                sq += xv * xv
                 nw = tl.load(nw_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
                 h = (xv * nw[None, :]).to(x_ptr.dtype.element_ty)
                 acc1 = _mac(h, w_ptr, cols1, ks, cmask, kmask, HIDDEN, acc1, UPCAST, IEEE)
                 if TWO:
                     acc2 = _mac(h, w_ptr, cols2, ks, cmask, kmask, HIDDEN, acc2, UPCAST, IEEE)
-            inv = tl.rsqrt(ss / HIDDEN + eps)[:, None]
+            inv = tl.rsqrt(tl.sum(sq, axis=1) / HIDDEN + eps)[:, None]
             return acc1 * inv, acc2 * inv
         inv = _inv_rms(x_ptr, rows, rmask, eps, HIDDEN, BM, BK, EARLY)
         for k0 in range(0, HIDDEN, BK):
@@ -774,7 +774,13 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
     for name, (signature, constexprs) in jobs.items():
         fn = kernels[name]
         sig = {**signature, **{c: "constexpr" for c in constexprs}}
-        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+        # pointers 16-byte aligned and cache strides multiples of 16, as triton
+        # specializes a launch on such arguments (without it no load is vectorized and
+        # no loop pipelined: not the code a GPU runs)
+        aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                   for a, kind in signature.items()
+                   if kind.startswith("*") or a in ("s_slot", "s_head", "s_pos", "chunk")}
+        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
         options = ({"num_warps": warps, "num_stages": stages}
                    if name in ("norm_qkv_rope", "matmul_add", "norm_gate_up", "head_argmax")
                    else {})
