@@ -20,6 +20,10 @@ kernels:
 4. RMSNorm + gate/up matmul (+ bias) + SiLU(gate) * up;
 5. down projection (+ bias) + residual, in place.
 
+With the tile `attend_o` set (off by default, not yet measured on a GPU), one row
+attending over a short window runs 2 and 3 as one kernel whose every program
+repeats the attention: four launches a layer instead of five.
+
 The arithmetic follows transformers' Llama layer: RMSNorm in float32, the
 weight times the normalized row rounded to the activation dtype, each linear's
 output rounded to the activation dtype before the next operation, float32
@@ -281,6 +285,33 @@ if triton is not None:
         tl.store(dst, r1.to(dt), mask=rmask[:, None])
         tl.store(dst + HALF, r2.to(dt), mask=rmask[:, None])
 
+    @triton.jit
+    def _attention(q, kbase, vbase, lo, hi, s_pos, scale, D: tl.constexpr, BG: tl.constexpr,
+                   BL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """Online softmax of the queries q [BG, D] over the cached positions [lo, hi) of
+        one kv head (keys at kbase, values at vbase, s_pos apart): (row maxima, sums of
+        exponentials, unnormalized outputs [BG, D] in float32)."""
+        d = tl.arange(0, D)
+        dt = q.dtype
+        m = tl.full((BG,), float("-inf"), dtype=tl.float32)
+        l_sum = tl.zeros((BG,), dtype=tl.float32)
+        acc = tl.zeros((BG, D), dtype=tl.float32)
+        for start in range(lo, hi, BL):
+            keys = start + tl.arange(0, BL)
+            kmask = keys < hi
+            at_key = keys.to(tl.int64) * s_pos  # position-major: past 2**31 elements
+            k = tl.load(kbase + at_key[None, :] + d[:, None], mask=kmask[None, :], other=0.0)
+            v = tl.load(vbase + at_key[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
+            s = _dot(q, k, tl.zeros((BG, BL), dtype=tl.float32), UPCAST, IEEE) * scale
+            s = tl.where(kmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))  # each block has a valid key: finite
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            acc = _dot(p.to(dt), v, acc * alpha[:, None], UPCAST, IEEE)
+            m = m_new
+        return m, l_sum, acc
+
     def _attend(q_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, o_ptr, part_ptr, ml_ptr, scale, chunk,
                 s_slot, s_head, s_pos,
                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
@@ -305,27 +336,10 @@ if triton is not None:
         end = tl.load(pos_ptr + row) + 1
         lo = split * chunk
         hi = tl.minimum(end, lo + chunk)
-        m = tl.full((BG,), float("-inf"), dtype=tl.float32)
-        l_sum = tl.zeros((BG,), dtype=tl.float32)
-        acc = tl.zeros((BG, D), dtype=tl.float32)
         slot = tl.load(slot_ptr + row).to(tl.int64)
         at = slot * s_slot + kvh * s_head  # a big cache passes 2**31 elements
-        kbase = kc_ptr + at
-        vbase = vc_ptr + at
-        for start in range(lo, hi, BL):
-            keys = start + tl.arange(0, BL)
-            kmask = keys < hi
-            at_key = keys.to(tl.int64) * s_pos  # position-major: past 2**31 elements
-            k = tl.load(kbase + at_key[None, :] + d[:, None], mask=kmask[None, :], other=0.0)
-            v = tl.load(vbase + at_key[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
-            s = _dot(q, k, tl.zeros((BG, BL), dtype=tl.float32), UPCAST, IEEE) * scale
-            s = tl.where(kmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))  # each block has a valid key: finite
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            acc = _dot(p.to(dt), v, acc * alpha[:, None], UPCAST, IEEE)
-            m = m_new
+        m, l_sum, acc = _attention(q, kc_ptr + at, vc_ptr + at, lo, hi, s_pos, scale, D, BG,
+                                   BL, UPCAST, IEEE)
         if not SPLIT:
             tl.store(o_ptr + row * (HEADS * D) + qh[:, None] * D + d[None, :],
                      (acc / l_sum[:, None]).to(dt), mask=gmask[:, None])
@@ -352,6 +366,51 @@ if triton is not None:
         acc = tl.load(part_ptr + at[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
         o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
         tl.store(o_ptr + (row * HEADS + h) * D + d, o.to(o_ptr.dtype.element_ty))
+
+    def _attend_o(q_ptr, kc_ptr, vc_ptr, pos_ptr, slot_ptr, w_ptr, b_ptr, x_ptr, scale,
+                  s_slot, s_head, s_pos, N: tl.constexpr, HEADS: tl.constexpr,
+                  KV_HEADS: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+                  BG: tl.constexpr, BL: tl.constexpr, BN: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                  PDL: tl.constexpr = False, LINE: tl.constexpr = 64, PF: tl.constexpr = 0):
+        """`_attend` and the o projection's `_matmul_add` in one kernel, for ONE row and an
+        unsplit attention: grid (N / BN,), each program computes every head's attention
+        output (as `_attend` does, rounded to the activation dtype) and its BN output
+        columns of o @ w.T (+ bias), added to the row of x in place. Every program
+        repeats the attention (cheap for one row and a short window) to save a launch
+        and its round trips."""
+        K: tl.constexpr = HEADS * D
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)
+        cmask = cols < N
+        if PF > 0:
+            _prefetch(w_ptr, tl.minimum(cols, N - 1), K, LINE, PF)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        _begin(PDL)
+        x = tl.load(x_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        end = tl.load(pos_ptr) + 1
+        slot = tl.load(slot_ptr).to(tl.int64)
+        g = tl.arange(0, BG)
+        d = tl.arange(0, D)
+        gmask = g < GROUP
+        dt = q_ptr.dtype.element_ty
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for kvh in tl.static_range(KV_HEADS):
+            qh = kvh * GROUP + g
+            q = tl.load(q_ptr + qh[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
+            at = slot * s_slot + kvh * s_head
+            _, l_sum, o = _attention(q, kc_ptr + at, vc_ptr + at, 0, end, s_pos, scale, D,
+                                     BG, BL, UPCAST, IEEE)
+            o = (o / l_sum[:, None]).to(dt)  # [BG, D]: this kv head's query heads
+            for j in tl.static_range(GROUP):  # head kvh * GROUP + j: columns of w
+                w = tl.load(w_ptr + cols[None, :] * K + (kvh * GROUP + j) * D + d[:, None],
+                            mask=cmask[None, :], other=0.0)
+                part = _dot(o, w, tl.zeros((BG, BN), dtype=tl.float32), UPCAST, IEEE)
+                acc += tl.sum(tl.where(g[:, None] == j, part, 0.0), axis=0)
+        if HAS_BIAS:
+            acc += bias
+        y = acc.to(dt).to(tl.float32)
+        tl.store(x_ptr + cols, (x + y).to(dt), mask=cmask)
 
     def _matmul_add(a_ptr, w_ptr, b_ptr, x_ptr, n, N: tl.constexpr, K: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -481,6 +540,7 @@ if triton is not None:
         tl.store(ban_ptr + row, tl.load(ban_ptr + row) - 1)
 
     _KERNELS = {"norm_qkv_rope": _norm_qkv_rope, "attend": _attend, "combine": _combine,
+                "attend_o": _attend_o,
                 "matmul_add": _matmul_add, "norm_gate_up": _norm_gate_up,
                 "head_argmax": _head_argmax, "pick": _pick}
 
@@ -547,11 +607,14 @@ class TritonLayers:
         # positions, rotary tables) before it, so they overlap instead of adding round
         # trips (0: after it, as before; 2: also no RMS pass before the matmul, its scale
         # applied after; kept to measure). pdl 2: each kernel lets the next one start
-        # before it waits for the one before it.
+        # before it waits for the one before it. stages_head: the greedy head's pipeline
+        # stages (0: the layers'; its 768 programs at batch 1 want a small footprint).
+        # attend_o: for one row attending over at most this many positions, attention
+        # and the o projection in one kernel (`_attend_o`; 0: never).
         self.tiles = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages": 3,
                       "bk_small": 256, "warps_small": 4, "stages_small": 3, "qkv_split": 1,
                       "min_split": 256, "bm": 64, "pdl": 1, "prefetch": 1, "bv": 64,
-                      "early": 1, **(tiles or {})}
+                      "early": 1, "stages_head": 0, "attend_o": 0, **(tiles or {})}
 
     def uses_pdl(self, device: Any) -> bool:
         """Whether kernels on `device` launch with programmatic dependent launch."""
@@ -614,24 +677,34 @@ class TritonLayers:
             n, self.eps, s_slot, s_head, s_pos, HIDDEN=hidden, HEADS=heads, KV_HEADS=kvh,
             D=d, HAS_BIAS=qkv_b is not None, BM=bm, BK=_bk(hidden, bk), QS=qs, **flags,
             **lines(hidden))
-        o = torch.empty_like(q)
         splits = self.splits(n, window)
-        chunk = triton.cdiv(triton.cdiv(window, splits), _BL) * _BL
-        part = ml = o
-        if splits > 1:
-            part = torch.empty((n, heads, splits, d), dtype=torch.float32, device=x.device)
-            ml = torch.empty((n, heads, splits, 2), dtype=torch.float32, device=x.device)
-        k["attend"][(n, kvh, splits)](
-            q, kc, vc, pos, slots, o, part, ml, self.scale, chunk, s_slot, s_head, s_pos,
-            HEADS=heads, KV_HEADS=kvh, D=d, GROUP=self.group, BG=max(16, _pow2(self.group)),
-            BL=_BL, SPLIT=splits > 1, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"], **chained)
-        if splits > 1:
-            k["combine"][(n, heads)](part, ml, o, splits, HEADS=heads, D=d, BS=_MAX_SPLITS,
-                                     **chained)
-        k["matmul_add"][(rows, triton.cdiv(hidden, bn))](
-            o, o_w, o_b if o_b is not None else o_w, x, n, N=hidden, K=heads * d,
-            HAS_BIAS=o_b is not None, BM=bm, BN=bn, BK=_bk(heads * d, bk), **flags,
-            **lines(heads * d))
+        bg = max(16, _pow2(self.group))
+        if n == 1 and splits == 1 and window <= t["attend_o"]:
+            k["attend_o"][(triton.cdiv(hidden, bn),)](
+                q, kc, vc, pos, slots, o_w, o_b if o_b is not None else o_w, x, self.scale,
+                s_slot, s_head, s_pos, N=hidden, HEADS=heads, KV_HEADS=kvh, D=d,
+                GROUP=self.group, BG=bg, BL=_BL, BN=bn, HAS_BIAS=o_b is not None,
+                UPCAST=flags["UPCAST"], IEEE=flags["IEEE"], num_warps=flags["num_warps"],
+                num_stages=flags["num_stages"], **chained, **lines(heads * d))
+        else:
+            o = torch.empty_like(q)
+            chunk = triton.cdiv(triton.cdiv(window, splits), _BL) * _BL
+            part = ml = o
+            if splits > 1:
+                part = torch.empty((n, heads, splits, d), dtype=torch.float32,
+                                   device=x.device)
+                ml = torch.empty((n, heads, splits, 2), dtype=torch.float32, device=x.device)
+            k["attend"][(n, kvh, splits)](
+                q, kc, vc, pos, slots, o, part, ml, self.scale, chunk, s_slot, s_head,
+                s_pos, HEADS=heads, KV_HEADS=kvh, D=d, GROUP=self.group, BG=bg, BL=_BL,
+                SPLIT=splits > 1, UPCAST=flags["UPCAST"], IEEE=flags["IEEE"], **chained)
+            if splits > 1:
+                k["combine"][(n, heads)](part, ml, o, splits, HEADS=heads, D=d,
+                                         BS=_MAX_SPLITS, **chained)
+            k["matmul_add"][(rows, triton.cdiv(hidden, bn))](
+                o, o_w, o_b if o_b is not None else o_w, x, n, N=hidden, K=heads * d,
+                HAS_BIAS=o_b is not None, BM=bm, BN=bn, BK=_bk(heads * d, bk), **flags,
+                **lines(heads * d))
         h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
         k["norm_gate_up"][(rows, triton.cdiv(inter, bn))](
             x, norm2, gu_w, gu_b if gu_b is not None else gu_w, h, n, self.eps,
@@ -669,7 +742,7 @@ class TritonLayers:
             HIDDEN=hidden, VOCAB=vocab, BM=bm, BV=bv,
             BK=_bk(hidden, _block_k(t["bk" + small], x.dtype == torch.float32)),
             UPCAST=x.device.type != "cuda", IEEE=x.dtype == torch.float32,
-            num_warps=t["warps" + small], num_stages=t["stages" + small],
+            num_warps=t["warps" + small], num_stages=t["stages_head"] or t["stages" + small],
             EARLY=int(t["early"]), **chained, **lines(hidden))
         k["pick"][(n,)](val, idx, out, tokens, pos, ban, out.stride(0), BLOCKS=blocks,
                         BB=_pow2(blocks), VOCAB=vocab, **chained)
@@ -749,6 +822,13 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
              **chained}),
         "combine": ({"part_ptr": f, "ml_ptr": f, "o_ptr": p, "splits": "i32"},
                     {"HEADS": heads, "D": head_dim, "BS": _MAX_SPLITS, **chained}),
+        "attend_o": (
+            {"q_ptr": p, "kc_ptr": p, "vc_ptr": p, "pos_ptr": i, "slot_ptr": i, "w_ptr": p,
+             "b_ptr": p, "x_ptr": p, "scale": "fp32", "s_slot": "i32", "s_head": "i32",
+             "s_pos": "i32"},
+            {"N": hidden, "HEADS": heads, "KV_HEADS": kv_heads, "D": head_dim, "GROUP": group,
+             "BG": max(16, _pow2(group)), "BL": _BL, "BN": bn, "HAS_BIAS": True, **flags,
+             **chained, **lines(heads * head_dim)}),
         "matmul_add": (
             {"a_ptr": p, "w_ptr": p, "b_ptr": p, "x_ptr": p, "n": "i32"},
             {"N": hidden, "K": inter, "HAS_BIAS": True, "BM": bm, "BN": bn,
@@ -782,7 +862,8 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
                    if kind.startswith("*") or a in ("s_slot", "s_head", "s_pos", "chunk")}
         src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
         options = ({"num_warps": warps, "num_stages": stages}
-                   if name in ("norm_qkv_rope", "matmul_add", "norm_gate_up", "head_argmax")
+                   if name in ("norm_qkv_rope", "matmul_add", "norm_gate_up", "head_argmax",
+                               "attend_o")
                    else {})
         if pdl:
             options["launch_pdl"] = True

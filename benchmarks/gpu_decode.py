@@ -257,8 +257,12 @@ def tile_sweep(model: Any, prompt: list[int], n: int, new: int, out: dict[str, A
     from contextwise.backends.static_decode import StaticDecoder
 
     for rows, key, variants in (
-            (1, "decoder_bs1_triton_sweep", ({}, {"early": 0}, {"stages_small": 4})),
-            (n, "decoder_many_triton_sweep", ({}, {"early": 0}))):
+            (1, "decoder_bs1_triton_sweep", (
+                {}, {"early": 0}, {"early": 2}, {"stages_small": 4},
+                {"stages_small": 6, "stages_head": 3}, {"attend_o": 256},
+                {"attend_o": 256, "early": 2, "stages_small": 4},
+                {"attend_o": 256, "early": 2, "stages_small": 6, "stages_head": 3})),
+            (n, "decoder_many_triton_sweep", ({}, {"early": 0}, {"early": 2}, {"stages": 4}))):
         sweep = {}
         for tiles in variants:
             dec = StaticDecoder(model, slots=rows, max_len=1024, kernels="triton")

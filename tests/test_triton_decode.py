@@ -149,6 +149,23 @@ def test_small_batch_tiles_and_a_position_major_cache_give_the_same_layer(
 
 
 @kernels_run
+@pytest.mark.parametrize(("positions", "bias", "heads", "kv_heads"), [
+    ([130], True, 6, 2),   # GQA, biases, three key blocks
+    ([5], False, 4, 4),    # MHA, one block
+])
+def test_attention_fused_into_the_o_projection_gives_the_same_layer(
+        positions: list[int], bias: bool, heads: int, kv_heads: int) -> None:
+    """One row, a short window: `_attend_o` (every program repeats the attention) in
+    place of `_attend` + `_matmul_add`."""
+    a = layer_inputs(1, positions, bias, heads, kv_heads)
+    want_x, want_k, want_v = torch_layer(a, heads, kv_heads, 32, 256)
+    got_x, got_k, got_v = triton_layer(a, heads, kv_heads, 32, 256, {"attend_o": 256})
+    torch.testing.assert_close(got_x, want_x, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(got_k, want_k, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got_v, want_v, atol=2e-5, rtol=1e-5)
+
+
+@kernels_run
 def test_the_triton_prefill_fills_the_cache_as_the_module_path_does(monkeypatch: Any) -> None:
     from contextwise.backends import static_decode
 
@@ -177,6 +194,16 @@ def test_the_decoder_with_triton_kernels_equals_transformers_greedy(kind: str,
     dec = StaticDecoder(model, slots=4, max_len=512, kernels="triton", kv_layout=layout)
     assert dec.kernels == "triton"
     assert static_greedy(dec, PROMPTS, 12, 3) == [reference(model, p, 12) for p in PROMPTS]
+
+
+@kernels_run
+def test_one_row_with_attention_fused_into_the_o_projection_equals_transformers() -> None:
+    model = tiny32()
+    dec = StaticDecoder(model, slots=1, max_len=512, kernels="triton")
+    dec.triton.tiles["attend_o"] = 256
+    for prompt in PROMPTS:
+        assert static_greedy(dec, [prompt], 12, 3) == [reference(model, prompt, 12)]
+    assert dec.kernels == "triton"
 
 
 @kernels_run
@@ -376,8 +403,8 @@ def test_the_kernels_compile_for_an_h100() -> None:
     for dtype, bm, bn, splits in (("bf16", 16, 16, 4), ("bf16", 64, 64, 1),  # batch 1, 256
                                   ("fp32", 64, 64, 1)):
         kernels = compile_for_gpu(90, dtype, bm=bm, bn=bn, splits=splits)
-        assert set(kernels) == {"norm_qkv_rope", "attend", "combine", "matmul_add",
-                                "norm_gate_up", "head_argmax", "pick"}
+        assert set(kernels) == {"norm_qkv_rope", "attend", "combine", "attend_o",
+                                "matmul_add", "norm_gate_up", "head_argmax", "pick"}
         for name, k in kernels.items():
             assert k["cubin_bytes"] > 0 and k["shared_bytes"] <= h100_shared, (name, k)
 
@@ -402,9 +429,10 @@ def test_chained_kernels_prefetch_their_weights_before_waiting() -> None:
             prefetches = [i for i, line in enumerate(lines) if "prefetch.global.L2" in line]
             copies = [i for i, line in enumerate(lines) if "cp.async.c" in line]
             assert wait < launch and wait < first_store and wait < min(copies, default=wait + 1)
-            biased = name in ("norm_qkv_rope", "matmul_add", "norm_gate_up")  # HAS_BIAS
+            biased = name in ("norm_qkv_rope", "matmul_add", "norm_gate_up", "attend_o")
             assert (first_load < wait) == biased, name
-            if name in ("norm_qkv_rope", "matmul_add", "norm_gate_up", "head_argmax"):
+            if name in ("norm_qkv_rope", "matmul_add", "norm_gate_up", "head_argmax",
+                        "attend_o"):
                 assert prefetches and max(prefetches) < wait, name
             else:
                 assert not prefetches, name
