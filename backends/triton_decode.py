@@ -71,7 +71,7 @@ try:  # programmatic dependent launch (Hopper and later; triton >= 3.3)
 except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["TritonLayers", "available", "compile_for_gpu"]
+__all__ = ["TritonLayers", "available", "compile_for_gpu", "compiled_variants"]
 
 _BL = 64  # cached positions per attention block
 _TARGET_PROGRAMS = 128  # attention programs to aim for (an H100 has 132 SMs)
@@ -125,12 +125,9 @@ if triton is not None:
         """With programmatic dependent launch (PDL), this kernel may start while the one
         before it runs: wait for it here (its outputs are this one's inputs), then let
         the next kernel start (it prefetches its weights while this one computes).
-        PDL 2: let the next one start first, then wait (kernels further ahead start,
-        and prefetch, earlier; each still waits for the one before it to finish)."""
-        if PDL == 2:
-            gdc_launch_dependents()
-            gdc_wait()
-        elif PDL:
+        (Letting the next one start before this wait was slower on an H100: 1,195.3
+        against 1,607.6 tok/s at batch 1, results/gpu_diag/run8_gpu_decode.json.)"""
+        if PDL:
             gdc_wait()
             gdc_launch_dependents()
 
@@ -552,6 +549,17 @@ _UNSPECIALIZED = {"norm_qkv_rope": ["n"], "matmul_add": ["n"], "norm_gate_up": [
                   "head_argmax": ["n"], "combine": ["splits"], "pick": ["s_out"]}
 
 
+def compiled_variants() -> int:
+    """How many kernel variants triton has compiled in this process, all decode kernels
+    together (one appearing while serving is a compile stall); -1 when triton does not
+    say (not installed, or its cache internals moved)."""
+    try:
+        return sum(len(cache[0]) for fn in _jitted().values()
+                   for cache in fn.device_caches.values())
+    except Exception:  # noqa: BLE001  (a private attribute of triton's: no count)
+        return -1
+
+
 @functools.cache
 def _jitted() -> dict[str, Any]:
     return {name: triton.jit(fn, do_not_specialize=_UNSPECIALIZED.get(name))
@@ -606,8 +614,7 @@ class TritonLayers:
         # issue the loads that don't depend on their matmul (norm row, bias, residual,
         # positions, rotary tables) before it, so they overlap instead of adding round
         # trips (0: after it, as before; 2: also no RMS pass before the matmul, its scale
-        # applied after; kept to measure). pdl 2: each kernel lets the next one start
-        # before it waits for the one before it. stages_head: the greedy head's pipeline
+        # applied after; kept to measure). stages_head: the greedy head's pipeline
         # stages (0: the layers'; its 768 programs at batch 1 want a small footprint).
         # attend_o: for one row attending over at most this many positions, attention
         # and the o projection in one kernel (`_attend_o`; 0: never).
@@ -630,8 +637,7 @@ class TritonLayers:
                 return {}
             return _prefetch_lines(k, x.element_size())
 
-        mode = 2 if self.tiles["pdl"] == 2 else 1
-        return ({"PDL": mode, "launch_pdl": True} if pdl else {}), prefetch
+        return ({"PDL": True, "launch_pdl": True} if pdl else {}), prefetch
 
     def splits(self, n: int, window: int) -> int:
         """Sequence splits for attention: enough programs to fill the GPU, each split at

@@ -278,18 +278,6 @@ def tile_sweep(model: Any, prompt: list[int], n: int, new: int, out: dict[str, A
         save()
 
 
-def compiled_variants() -> int:
-    """Kernel variants triton has compiled in this process, all decode kernels (a new
-    one inside a timed round is a compile stall)."""
-    try:
-        from contextwise.backends.triton_decode import _jitted
-
-        return sum(len(cache[0]) for fn in _jitted().values()
-                   for cache in fn.device_caches.values())
-    except Exception:  # noqa: BLE001  (no triton, or its internals moved: no count)
-        return -1
-
-
 def warm_and_time(eng: Any, qs: list[str], new: int, sync: Any, after_warm_up: Any = None,
                   rounds: int = 1, times: list[float] | None = None,
                   compiles: list[int] | None = None) -> tuple[list[float], float, float]:
@@ -298,6 +286,8 @@ def warm_and_time(eng: Any, qs: list[str], new: int, sync: Any, after_warm_up: A
     the median of `rounds` timed rounds (each round's seconds appended to `times`, the
     kernel variants it compiled to `compiles`; runs of the same code vary by several
     percent on a lent GPU host)."""
+    from contextwise.backends.triton_decode import compiled_variants
+
     from benchmarks import backend as bb
 
     t0 = time.perf_counter()

@@ -366,19 +366,13 @@ def test_triton_kernels_under_cuda_graphs_equal_the_torch_kernels(dtype: str,
         assert (got_x - want_x).abs().mean() < 0.02 * want_x.abs().mean()
 
 
-def compiled_variants() -> int:
-    """How many kernel variants triton has compiled so far, all decode kernels."""
-    from contextwise.backends.triton_decode import _jitted
-
-    return sum(len(cache[0]) for fn in _jitted().values()
-               for cache in fn.device_caches.values())
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_after_warm_up_no_traffic_shape_compiles_a_kernel() -> None:
     """Row counts, prompt mixes and attention splits vary with the traffic; compiling a
     kernel variant mid-serving stalls every request for seconds."""
+    from contextwise.backends.triton_decode import compiled_variants
+
     model = tiny32(dtype=torch.bfloat16)
     dec = StaticDecoder(model, slots=128, max_len=1024, kernels="triton")
     dec.warm_up()
