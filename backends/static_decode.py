@@ -110,14 +110,21 @@ class ResumeFailed(RuntimeError):
 
 
 class Pending:
-    """The greedy tokens [n, steps] of a launched decode, on their way to the host."""
+    """The greedy tokens [n, steps] of a launched decode, on their way to the host;
+    `fault`: (a host flag copied with them, what to call when it is set: the one-row
+    step's barrier gave up, so the tokens are garbage and `tokens` raises)."""
 
-    def __init__(self, host: Any, done: Any):
-        self.host, self.done = host, done
+    def __init__(self, host: Any, done: Any, fault: tuple[Any, Any] | None = None):
+        self.host, self.done, self.fault = host, done, fault
 
     def tokens(self) -> list[list[int]]:
         if self.done is not None:
             self.done.synchronize()
+        if self.fault is not None and int(self.fault[0][0]):
+            self.fault[1]()
+            raise RuntimeError("the one-row decode step's grid barrier timed out (not every "
+                               "program was resident on the GPU): its tokens are void; the "
+                               "decoder is back on the layer kernels")
         return self.host.tolist()
 
 
@@ -187,6 +194,7 @@ class StaticDecoder:
         self.eos = eos
         self.ban = torch.zeros(self.slots, dtype=torch.long, device=self.device)
         self._verify_buffers: tuple[Any, Any, Any] | None = None  # made on first verify
+        self._one_row: Any = None  # the persistent one-row step, made on first use
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         # (n, window, steps, logits) -> (the CUDA graph, its outputs: tokens, logits or
         # None); ("prefill", width, window) -> (the graph, a one-prompt prefill's logits)
@@ -194,6 +202,8 @@ class StaticDecoder:
         self._pool: Any = None
         self._host = Alternating(  # pinned host buffers for `launch`'s tokens
             lambda shape: torch.empty(shape, dtype=torch.long, pin_memory=True))
+        self._host_flags = Alternating(  # and for the one-row step's barrier flag
+            lambda shape: torch.empty(shape, dtype=torch.int32, pin_memory=True))
         self._prefill_inputs: dict[int, Any] = {}  # width -> a graphed prefill's inputs
         self._lock = lock if lock is not None else threading.Lock()  # the model's, if shared
         # Plain float weights: q/k/v and gate/up become one matmul each (the modules'
@@ -297,6 +307,10 @@ class StaticDecoder:
                         self.tokens[:1].zero_()
                         self.pos[:1].zero_()
                         self._run(1, wide, 1, True)
+                    if self._one_row is not None and not self._one_row.healthy():
+                        # a barrier gave up: not every program was resident at once
+                        self._persistent_off("a grid barrier of the one-row step timed out")
+                        continue
                     break
                 except Exception as e:
                     if self.triton is None:
@@ -643,7 +657,12 @@ class StaticDecoder:
 
         if not logits and self.triton is not None and self.output_weights is not None:
             chosen = torch.empty((n, steps), dtype=torch.long, device=self.device)
+            one = self._one_row_step() if n == 1 else None
             for s in range(steps):
+                if one is not None:  # the whole step as one persistent kernel
+                    one.run(self.tokens[:1], self.pos[:1], self.ban[:1], self.rows[:1],
+                            chosen[:, s], window)
+                    continue
                 self.triton.greedy_head(self._hidden_triton(n, window), *self.output_weights,
                                         self.eos, chosen[:, s], self.tokens[:n],
                                         self.pos[:n], self.ban[:n])
@@ -693,13 +712,19 @@ class StaticDecoder:
 
         out, _ = self._decode(n, tokens, pos, steps, ban_eos, logits=False)
         with torch.inference_mode():
+            fault = None
+            if n == 1 and self._one_row is not None:  # the step ran as one persistent kernel
+                flag = (self._host_flags.take((1,)) if self.device.type == "cuda"
+                        else torch.empty(1, dtype=torch.int32))
+                flag.copy_(self._one_row.sync[1:], non_blocking=True)
+                fault = (flag, lambda: self._persistent_off("a grid barrier timed out"))
             if self.device.type != "cuda":  # no graphs: `out` is this call's own tensor
-                return Pending(out[:n], None)
+                return Pending(out[:n], None, fault)
             host = self._host.take(tuple(out.shape))
             host.copy_(out, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-            return Pending(host[:n], done)
+            return Pending(host[:n], done, fault)
 
     def _decode(self, n: int, tokens: Any, pos: Any, steps: int, ban_eos: Any,
                 logits: bool) -> tuple[Any, Any]:
@@ -825,15 +850,45 @@ class StaticDecoder:
         self.stats["eager_steps"] += steps
         return self._run(bucket, window, steps, logits)
 
+    def _one_row_step(self) -> Any:
+        """The persistent one-row step (backends/triton_persistent.py) when the tile
+        `persistent` asks for it and it can run here, else None (the layer kernels)."""
+        assert self.triton is not None and self.fused is not None
+        if not self.triton.tiles["persistent"]:
+            return None
+        if self._one_row is None:
+            from contextwise.backends.triton_persistent import OneRowStep
+
+            assert self.output_weights is not None
+            try:
+                self._one_row = OneRowStep(
+                    self.triton, self.fused, self.k, self.v, self.inner.embed_tokens.weight,
+                    *self.output_weights, self.cos, self.sin, self.max_len, self.eos)
+            except ValueError as e:
+                self.triton.tiles["persistent"] = 0
+                self.stats["persistent_note"] = f"one-row step off: {e}"
+                return None
+        return self._one_row
+
+    def _persistent_off(self, why: str) -> None:
+        """Back to the layer kernels for one row; graphs that launch the step dropped."""
+        assert self.triton is not None
+        self.triton.tiles["persistent"] = 0
+        self._one_row = None
+        self.stats["persistent_note"] = f"one-row step off since: {why}"
+        self._graphs.clear()
+
     def _triton_failed(self, error: BaseException) -> None:
-        """A Triton kernel failed: launch them without programmatic dependent launch from
-        now on where they used it, else the torch kernels; graphs captured with the failed
-        kernels are dropped."""
+        """A Triton kernel failed: the one-row step off if it was on, else launch them
+        without programmatic dependent launch from now on where they used it, else the
+        torch kernels; graphs captured with the failed kernels are dropped."""
         import torch
 
         assert self.triton is not None
         why = f"{type(error).__name__}: {str(error)[:200]}"
-        if self.triton.uses_pdl(self.device):
+        if self.triton.tiles["persistent"]:
+            self._persistent_off(why)
+        elif self.triton.uses_pdl(self.device):
             self.triton.tiles["pdl"] = 0
             self.stats["kernels_note"] = f"triton kernels without PDL since: {why}"
         else:

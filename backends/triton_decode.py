@@ -284,10 +284,12 @@ if triton is not None:
 
     @triton.jit
     def _attention(q, kbase, vbase, lo, hi, s_pos, scale, D: tl.constexpr, BG: tl.constexpr,
-                   BL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                   BL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                   CM: tl.constexpr = ""):
         """Online softmax of the queries q [BG, D] over the cached positions [lo, hi) of
         one kv head (keys at kbase, values at vbase, s_pos apart): (row maxima, sums of
-        exponentials, unnormalized outputs [BG, D] in float32)."""
+        exponentials, unnormalized outputs [BG, D] in float32). CM: the cache loads'
+        cache modifier (".cg": from L2, for a kernel that reads what other SMs wrote)."""
         d = tl.arange(0, D)
         dt = q.dtype
         m = tl.full((BG,), float("-inf"), dtype=tl.float32)
@@ -297,8 +299,10 @@ if triton is not None:
             keys = start + tl.arange(0, BL)
             kmask = keys < hi
             at_key = keys.to(tl.int64) * s_pos  # position-major: past 2**31 elements
-            k = tl.load(kbase + at_key[None, :] + d[:, None], mask=kmask[None, :], other=0.0)
-            v = tl.load(vbase + at_key[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
+            k = tl.load(kbase + at_key[None, :] + d[:, None], mask=kmask[None, :], other=0.0,
+                        cache_modifier=CM)
+            v = tl.load(vbase + at_key[:, None] + d[None, :], mask=kmask[:, None], other=0.0,
+                        cache_modifier=CM)
             s = _dot(q, k, tl.zeros((BG, BL), dtype=tl.float32), UPCAST, IEEE) * scale
             s = tl.where(kmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))  # each block has a valid key: finite
@@ -617,11 +621,15 @@ class TritonLayers:
         # applied after; kept to measure). stages_head: the greedy head's pipeline
         # stages (0: the layers'; its 768 programs at batch 1 want a small footprint).
         # attend_o: for one row attending over at most this many positions, attention
-        # and the o projection in one kernel (`_attend_o`; 0: never).
+        # and the o projection in one kernel (`_attend_o`; 0: never). persistent: a
+        # one-row batch's whole step as one persistent kernel (backends/
+        # triton_persistent.py, whose p_* tiles these are; StaticDecoder greedy launches).
         self.tiles = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages": 3,
                       "bk_small": 256, "warps_small": 4, "stages_small": 3, "qkv_split": 1,
                       "min_split": 256, "bm": 64, "pdl": 1, "prefetch": 1, "bv": 64,
-                      "early": 1, "stages_head": 0, "attend_o": 0, **(tiles or {})}
+                      "early": 1, "stages_head": 0, "attend_o": 0, "persistent": 0,
+                      "p_bh": 8, "p_bn": 8, "p_bn_mlp": 8, "p_bv": 16, "p_splits": 8,
+                      "p_warps": 8, "p_programs": 0, "p_staged": 0, **(tiles or {})}
 
     def uses_pdl(self, device: Any) -> bool:
         """Whether kernels on `device` launch with programmatic dependent launch."""

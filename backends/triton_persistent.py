@@ -1,0 +1,598 @@
+"""One decode step of a one-row batch as ONE persistent Triton kernel (tile `persistent`).
+
+    step = OneRowStep(layers, fused, k, v, embed, norm_w, head_w, cos, sin, max_len, eos)
+    step.run(tokens, pos, ban, slots, out, window)  # row 0's next greedy token, in place
+
+Why: at batch 1 the five-kernel layer of `triton_decode` is bound by its ~150
+dependent kernel boundaries a token (each a grid drain, a launch and the next
+kernel's first memory round trips: ~4 us a kernel on an H100, 1,624 tok/s), not by
+the ~270 MB of weights it reads. Here a step is one launch of one program per SM,
+each walking every stage itself, with a grid-wide barrier (a counter in L2) where a
+kernel boundary was. Per layer: (1) RMSNorm + q/k/v + rotary + the new key and value
+into the cache; (2) attention split along the positions; (3) the splits combined +
+o projection + residual; (4) RMSNorm + gate/up + SiLU(gate) * up; (5) down
+projection + residual; then (6) the final RMSNorm + lm_head, each program keeping
+its largest logit, and (7) the first of the largest (torch.argmax's pick): the next
+token, its position moved on, the EOS ban counted down. Layer 0 reads its input
+straight from the embedding. Each program asks L2 for its share of the next layer's
+weights a layer ahead, so a stage's weight loads hit L2.
+
+One row needs no tensor cores: a program's output columns are the row times those
+weight rows over the whole reduction at once (every load of a stage in one memory
+round trip), summed in float32. The arithmetic rounds as `triton_decode`'s kernels
+do (and transformers'): RMSNorm in float32, each linear's output rounded to the
+activation dtype, float32 attention and accumulation.
+
+All programs must be resident at once: one per SM, which a launch always gets while
+no other kernel holds SMs for ever. A barrier that waits too long gives up and
+raises a flag (`OneRowStep.healthy`), so a misfit surfaces as a failed warm-up
+check instead of a hung GPU. Loads of what other programs wrote in this launch go
+to L2 (".cg"): an SM's L1 is not coherent within a kernel.
+
+On a CPU the interpreter runs programs one after another, so a barrier can't be
+met by more than one: tests run the step as one program, and (`staged`) each stage
+as its own launch of several programs, kernel boundaries standing in for barriers.
+"""
+
+import os
+from typing import Any
+
+from contextwise.backends.triton_decode import (
+    _BL,
+    TritonLayers,
+    _attention,
+    _kernels,
+    _pow2,
+    _prefetch_lines,
+    available,
+    tl,
+    triton,
+)
+
+__all__ = ["OneRowStep"]
+
+_STAGES = 5  # stages a layer
+
+# Entries of a layer's row in the pointer table.
+_TABLE = ("norm1", "qkv_w", "qkv_b", "o_w", "o_b", "norm2", "gu_w", "gu_b", "down_w",
+          "down_b", "k", "v")
+
+if triton is not None:
+    _ENTRIES = tl.constexpr(len(_TABLE))
+    _SPIN_LIMIT = tl.constexpr(1 << 20)  # polls of a barrier before it gives up (~0.5 s)
+
+    @triton.jit
+    def _grid_sync(sync_ptr, target, limit, SYNC: tl.constexpr):
+        """Wait until the counter at sync_ptr reaches `target` arrivals, this program's
+        included: the CTA's stores, then one release arrival, then acquire polls (one
+        thread; its view shared through the CTA barrier), as cooperative groups' grid
+        sync does. Past `limit` polls it sets the flag at sync_ptr + 1 and goes on; the
+        limit for the next barrier (0 after a timeout: the step is void, so later
+        barriers don't each wait it out)."""
+        if SYNC:
+            tl.debug_barrier()
+            seen = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") + 1
+            spins = 0
+            while (seen < target) & (spins < limit):
+                seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+                spins += 1
+            if seen < target:
+                tl.atomic_xchg(sync_ptr + 1, 1)
+                limit = limit * 0
+            tl.debug_barrier()
+        return limit
+
+    @triton.jit
+    def _at(table_ptr, layer, j: tl.constexpr, like):
+        """Entry j of the layer's row of the pointer table, a pointer to like's dtype,
+        16-byte aligned (torch's allocations are; `OneRowStep` checks): without the hint
+        no load through it is vectorized."""
+        address = tl.load(table_ptr + layer * _ENTRIES + j)
+        return tl.multiple_of(address.to(tl.pointer_type(like.dtype.element_ty)), 16)
+
+    @triton.jit
+    def _prefetch_share(ptr, count, p, P, LINE: tl.constexpr, PER: tl.constexpr):
+        """Ask L2 for this program's share of `count` elements at ptr: lines p, p + P, ...
+        (LINE elements a line, PER lines at most; the clamp repeats the last line)."""
+        at = tl.minimum((p + P * tl.arange(0, PER)) * LINE, count - 1)
+        tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l",
+                                  [ptr + at], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _normed_row(x_ptr, nw_ptr, eps, HIDDEN: tl.constexpr, HP: tl.constexpr):
+        """The row x [HIDDEN] as transformers' RMSNorm gives it, weight * (x *
+        inv).to(dtype) in the activation dtype: float32 [HP], zeros past HIDDEN."""
+        dt = x_ptr.dtype.element_ty
+        k = tl.arange(0, HP)
+        km = k < HIDDEN
+        x = tl.load(x_ptr + k, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
+        nw = tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x * x, axis=0) / HIDDEN + eps)
+        return (nw * (x * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+
+    @triton.jit
+    def _rowmat(a, w_ptr, outs, omask, K: tl.constexpr, KP: tl.constexpr):
+        """The row a (float32 [KP], zeros past K) times weight rows `outs` of w [*, K]:
+        float32 [len(outs)]."""
+        k = tl.arange(0, KP)
+        w = tl.load(w_ptr + outs[:, None] * K + k[None, :],
+                    mask=omask[:, None] & (k[None, :] < K), other=0.0)
+        return tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+
+    @triton.jit
+    def _stage_qkv(xin, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos,
+                   slot, eps, s_slot, s_head, s_pos, p, P, HIDDEN: tl.constexpr,
+                   HP: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                   D: tl.constexpr, HAS_BIAS: tl.constexpr, BH: tl.constexpr):
+        """Units of BH columns of one head's first rotary half and the same ones of its
+        second: q/k/v + bias + rotary; queries to q, the key and value into the cache."""
+        HALF: tl.constexpr = D // 2
+        QS: tl.constexpr = HALF // BH
+        dt = xin.dtype.element_ty
+        h = _normed_row(xin, nw_ptr, eps, HIDDEN, HP)
+        for u in range(p, (HEADS + 2 * KV_HEADS) * QS, P):
+            head = u // QS
+            half = (u % QS) * BH + tl.arange(0, BH)
+            out1 = head * D + half
+            ok = half < HALF
+            y1 = _rowmat(h, w_ptr, out1, ok, HIDDEN, HP)
+            y2 = _rowmat(h, w_ptr, out1 + HALF, ok, HIDDEN, HP)
+            if HAS_BIAS:
+                y1 += tl.load(b_ptr + out1).to(tl.float32)
+                y2 += tl.load(b_ptr + out1 + HALF).to(tl.float32)
+            y1 = y1.to(dt).to(tl.float32)  # the linear's output, rounded as transformers'
+            y2 = y2.to(dt).to(tl.float32)
+            if head < HEADS + KV_HEADS:  # queries and keys: rotary (rotate_half)
+                at = pos * D + half
+                c1 = tl.load(cos_ptr + at).to(tl.float32)
+                c2 = tl.load(cos_ptr + at + HALF).to(tl.float32)
+                s1 = tl.load(sin_ptr + at).to(tl.float32)
+                s2 = tl.load(sin_ptr + at + HALF).to(tl.float32)
+                r1 = y1 * c1 - y2 * s1
+                r2 = y2 * c2 + y1 * s2
+            else:
+                r1 = y1
+                r2 = y2
+            if head < HEADS:
+                dst = q_ptr + head * D + half
+            elif head < HEADS + KV_HEADS:
+                dst = kc_ptr + slot * s_slot + (head - HEADS) * s_head + pos * s_pos + half
+            else:
+                dst = (vc_ptr + slot * s_slot + (head - HEADS - KV_HEADS) * s_head
+                       + pos * s_pos + half)
+            tl.store(dst, r1.to(dt))
+            tl.store(dst + HALF, r2.to(dt))
+
+    @triton.jit
+    def _stage_attend(q_ptr, kc_ptr, vc_ptr, part_ptr, ml_ptr, end, slot, chunk, splits, scale,
+                      s_slot, s_head, s_pos, p, P, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                      GROUP: tl.constexpr, BG: tl.constexpr, BL: tl.constexpr,
+                      BS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """Units (kv head, split): the kv head's GROUP query heads over positions
+        [split * chunk, min(end, (split + 1) * chunk)), online softmax; unnormalized
+        partials and (max, sum) out (an empty split: -inf, 0)."""
+        g = tl.arange(0, BG)
+        d = tl.arange(0, D)
+        gmask = g < GROUP
+        for u in range(p, KV_HEADS * splits, P):
+            kvh = u // splits
+            split = u % splits
+            qh = kvh * GROUP + g
+            q = tl.load(q_ptr + qh[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0,
+                        cache_modifier=".cg")
+            lo = split * chunk
+            at = slot * s_slot + kvh * s_head
+            m, l_sum, acc = _attention(q, kc_ptr + at, vc_ptr + at, lo,
+                                       tl.minimum(end, lo + chunk), s_pos, scale, D, BG, BL,
+                                       UPCAST, IEEE, ".cg")
+            at = qh * BS + split
+            tl.store(part_ptr + at[:, None] * D + d[None, :], acc, mask=gmask[:, None])
+            tl.store(ml_ptr + at * 2, m, mask=gmask)
+            tl.store(ml_ptr + at * 2 + 1, l_sum, mask=gmask)
+
+    @triton.jit
+    def _stage_o(part_ptr, ml_ptr, w_ptr, b_ptr, xin, x_ptr, splits, p, P,
+                 HIDDEN: tl.constexpr, HEADS: tl.constexpr, HH: tl.constexpr,
+                 D: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BN: tl.constexpr):
+        """Every head's splits combined (each program all of them: a few KB from L2,
+        instead of a stage and a barrier), rounded as attention's output; then units of
+        BN columns: o @ w.T (+ bias), plus the residual xin, into x."""
+        dt = x_ptr.dtype.element_ty
+        hh = tl.arange(0, HH)
+        sp = tl.arange(0, BS)
+        d = tl.arange(0, D)
+        real = hh < HEADS
+        ok = real[:, None] & (sp[None, :] < splits)
+        at = hh[:, None] * BS + sp[None, :]
+        m = tl.load(ml_ptr + at * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l_sum = tl.load(ml_ptr + at * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+        top = tl.where(real, tl.max(m, axis=1), 0.0)  # split 0 holds position 0: finite
+        wgt = tl.where(ok, tl.exp(m - top[:, None]), 0.0)
+        part = tl.load(part_ptr + at[:, :, None] * D + d[None, None, :], mask=ok[:, :, None],
+                       other=0.0, cache_modifier=".cg")
+        den = tl.where(real, tl.sum(l_sum * wgt, axis=1), 1.0)
+        o = tl.sum(part * wgt[:, :, None], axis=1) / den[:, None]  # [HH, D]
+        a = tl.reshape(o.to(dt).to(tl.float32), (HH * D,))  # column h * D + d of o @ w.T
+        for u in range(p, tl.cdiv(HIDDEN, BN), P):
+            cols = u * BN + tl.arange(0, BN)
+            cm = cols < HIDDEN
+            y = _rowmat(a, w_ptr, cols, cm, HEADS * D, HH * D)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+            y = y.to(dt).to(tl.float32)
+            x = tl.load(xin + cols, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(x_ptr + cols, (x + y).to(dt), mask=cm)
+
+    @triton.jit
+    def _stage_gate_up(x_ptr, nw_ptr, w_ptr, b_ptr, h_ptr, eps, p, P, HIDDEN: tl.constexpr,
+                       HP: tl.constexpr, INTER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BN: tl.constexpr):
+        """Units of BN columns of the MLP: silu(gate) * up of the normed row, into h."""
+        dt = x_ptr.dtype.element_ty
+        h = _normed_row(x_ptr, nw_ptr, eps, HIDDEN, HP)
+        for u in range(p, tl.cdiv(INTER, BN), P):
+            cols = u * BN + tl.arange(0, BN)
+            cm = cols < INTER
+            gate = _rowmat(h, w_ptr, cols, cm, HIDDEN, HP)
+            up = _rowmat(h, w_ptr, INTER + cols, cm, HIDDEN, HP)
+            if HAS_BIAS:
+                gate += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+                up += tl.load(b_ptr + INTER + cols, mask=cm, other=0.0).to(tl.float32)
+            gate = gate.to(dt).to(tl.float32)
+            up = up.to(dt).to(tl.float32)
+            act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)  # F.silu's rounding
+            tl.store(h_ptr + cols, (act * up).to(dt), mask=cm)
+
+    @triton.jit
+    def _stage_down(h_ptr, w_ptr, b_ptr, x_ptr, p, P, HIDDEN: tl.constexpr,
+                    INTER: tl.constexpr, IP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    BN: tl.constexpr):
+        """Units of BN columns: h @ w.T (+ bias), added to x in place."""
+        dt = x_ptr.dtype.element_ty
+        k = tl.arange(0, IP)
+        a = tl.load(h_ptr + k, mask=k < INTER, other=0.0, cache_modifier=".cg").to(tl.float32)
+        for u in range(p, tl.cdiv(HIDDEN, BN), P):
+            cols = u * BN + tl.arange(0, BN)
+            cm = cols < HIDDEN
+            y = _rowmat(a, w_ptr, cols, cm, INTER, IP)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+            y = y.to(dt).to(tl.float32)
+            x = tl.load(x_ptr + cols, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(x_ptr + cols, (x + y).to(dt), mask=cm)
+
+    @triton.jit
+    def _stage_head(x_ptr, nw_ptr, w_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
+                    HIDDEN: tl.constexpr, HP: tl.constexpr, VOCAB: tl.constexpr,
+                    BV: tl.constexpr):
+        """Units of BV vocabulary rows: the logits of the normed row rounded as the
+        lm_head's (EOS at -inf while the ban lasts); the program's largest and the first
+        index of it into best / bidx [p] (its units come in increasing order)."""
+        dt = x_ptr.dtype.element_ty
+        h = _normed_row(x_ptr, nw_ptr, eps, HIDDEN, HP)
+        best = tl.full((), float("-inf"), tl.float32)
+        first = tl.full((), VOCAB, tl.int32)
+        for u in range(p, tl.cdiv(VOCAB, BV), P):
+            cols = u * BV + tl.arange(0, BV)
+            cm = cols < VOCAB
+            logits = _rowmat(h, w_ptr, cols, cm, HIDDEN, HP).to(dt).to(tl.float32)
+            banned = (cols == eos) & (ban > 0)
+            logits = tl.where(cm & ~banned, logits, float("-inf"))
+            top = tl.max(logits, axis=0)
+            at = tl.min(tl.where(logits == top, cols, VOCAB), axis=0)
+            first = tl.where(top > best, at, first)
+            best = tl.maximum(top, best)
+        tl.store(best_ptr + p, best)
+        tl.store(bidx_ptr + p, first)
+
+    @triton.jit
+    def _stage_pick(best_ptr, bidx_ptr, out_ptr, tok_ptr, pos_ptr, ban_ptr, P,
+                    VOCAB: tl.constexpr, BP: tl.constexpr):
+        """The first index of the largest logit over the programs' picks: the greedy
+        token, into out and the next step's input, its position moved on by one, the
+        EOS ban counted down."""
+        b = tl.arange(0, BP)
+        bm = b < P
+        v = tl.load(best_ptr + b, mask=bm, other=float("-inf"), cache_modifier=".cg")
+        i = tl.load(bidx_ptr + b, mask=bm, other=VOCAB, cache_modifier=".cg")
+        token = tl.min(tl.where(v == tl.max(v, axis=0), i, VOCAB), axis=0)
+        tl.store(out_ptr, token)
+        tl.store(tok_ptr, token)
+        tl.store(pos_ptr, tl.load(pos_ptr) + 1)
+        tl.store(ban_ptr, tl.load(ban_ptr) - 1)
+
+    def _one_row_step(tok_ptr, pos_ptr, ban_ptr, out_ptr, slot_ptr, embed_ptr, table_ptr,
+                      cos_ptr, sin_ptr, normf_ptr, head_ptr, x_ptr, q_ptr, part_ptr, ml_ptr,
+                      h_ptr, best_ptr, bidx_ptr, sync_ptr, eps, eos, scale, s_slot, s_head,
+                      s_pos, chunk, splits, max_pos, first, last,
+                      LAYERS: tl.constexpr, HIDDEN: tl.constexpr, HEADS: tl.constexpr,
+                      KV_HEADS: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
+                      VOCAB: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr,
+                      BL: tl.constexpr, BS: tl.constexpr, HH: tl.constexpr,
+                      HP: tl.constexpr, IP: tl.constexpr, BP: tl.constexpr,
+                      QKV_BIAS: tl.constexpr, O_BIAS: tl.constexpr, GU_BIAS: tl.constexpr,
+                      DOWN_BIAS: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
+                      BNG: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr,
+                      IEEE: tl.constexpr, SYNC: tl.constexpr, LINE: tl.constexpr = 64,
+                      PF_QKV: tl.constexpr = 0, PF_O: tl.constexpr = 0,
+                      PF_GU: tl.constexpr = 0, PF_DOWN: tl.constexpr = 0):
+        """Grid (programs,): stages first..last-1 of the step (layer l's stage s is
+        l * 5 + s; the head LAYERS * 5, the pick LAYERS * 5 + 1), a grid barrier between
+        each two (SYNC; without it the caller launches one stage at a time). PF_*: lines
+        of each weight a program prefetches for the next layer (0: none)."""
+        p = tl.program_id(0)
+        P = tl.num_programs(0)
+        tok = tl.load(tok_ptr)
+        pos = tl.minimum(tl.load(pos_ptr), max_pos)
+        slot = tl.load(slot_ptr).to(tl.int64)
+        ban = tl.load(ban_ptr)
+        arrivals = 0
+        limit = tl.full((), _SPIN_LIMIT, tl.int32)
+        for stage in range(first, last):
+            if stage > first:
+                arrivals += P
+                limit = _grid_sync(sync_ptr, arrivals, limit, SYNC)
+            layer = stage // 5
+            kind = stage % 5
+            if layer < LAYERS:
+                if layer == 0:  # the embedding row is the first layer's input
+                    xin = embed_ptr + tok * HIDDEN
+                else:
+                    xin = x_ptr
+                if kind == 0:
+                    if PF_QKV > 0:
+                        if layer + 1 < LAYERS:
+                            _prefetch_share(_at(table_ptr, layer + 1, 1, x_ptr),
+                                            (HEADS + 2 * KV_HEADS) * D * HIDDEN, p, P, LINE,
+                                            PF_QKV)
+                            _prefetch_share(_at(table_ptr, layer + 1, 3, x_ptr),
+                                            HIDDEN * HEADS * D, p, P, LINE, PF_O)
+                            _prefetch_share(_at(table_ptr, layer + 1, 6, x_ptr),
+                                            2 * INTER * HIDDEN, p, P, LINE, PF_GU)
+                            _prefetch_share(_at(table_ptr, layer + 1, 8, x_ptr),
+                                            HIDDEN * INTER, p, P, LINE, PF_DOWN)
+                    _stage_qkv(xin, _at(table_ptr, layer, 0, x_ptr),
+                               _at(table_ptr, layer, 1, x_ptr), _at(table_ptr, layer, 2, x_ptr),
+                               cos_ptr, sin_ptr, q_ptr, _at(table_ptr, layer, 10, x_ptr),
+                               _at(table_ptr, layer, 11, x_ptr), pos, slot, eps, s_slot,
+                               s_head, s_pos, p, P, HIDDEN, HP, HEADS, KV_HEADS, D, QKV_BIAS,
+                               BH)
+                elif kind == 1:
+                    _stage_attend(q_ptr, _at(table_ptr, layer, 10, x_ptr),
+                                  _at(table_ptr, layer, 11, x_ptr), part_ptr, ml_ptr, pos + 1,
+                                  slot, chunk, splits, scale, s_slot, s_head, s_pos, p, P,
+                                  KV_HEADS, D, GROUP, BG, BL, BS, UPCAST, IEEE)
+                elif kind == 2:
+                    _stage_o(part_ptr, ml_ptr, _at(table_ptr, layer, 3, x_ptr),
+                             _at(table_ptr, layer, 4, x_ptr), xin, x_ptr, splits, p, P, HIDDEN,
+                             HEADS, HH, D, BS, O_BIAS, BN)
+                elif kind == 3:
+                    _stage_gate_up(x_ptr, _at(table_ptr, layer, 5, x_ptr),
+                                   _at(table_ptr, layer, 6, x_ptr),
+                                   _at(table_ptr, layer, 7, x_ptr), h_ptr, eps, p, P, HIDDEN,
+                                   HP, INTER, GU_BIAS, BNG)
+                else:
+                    _stage_down(h_ptr, _at(table_ptr, layer, 8, x_ptr),
+                                _at(table_ptr, layer, 9, x_ptr), x_ptr, p, P, HIDDEN, INTER,
+                                IP, DOWN_BIAS, BN)
+            elif kind == 0:
+                _stage_head(x_ptr, normf_ptr, head_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
+                            HIDDEN, HP, VOCAB, BV)
+            elif p == 0:
+                _stage_pick(best_ptr, bidx_ptr, out_ptr, tok_ptr, pos_ptr, ban_ptr, P, VOCAB,
+                            BP)
+
+    _jitted_step = triton.jit(_one_row_step, do_not_specialize=["chunk", "splits", "first",
+                                                                 "last"])
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class OneRowStep:
+    """The persistent one-row decode step over a `StaticDecoder`'s fused weights and
+    cache. Tiles (from `TritonLayers.tiles`): p_bh (q/k/v columns a unit, per rotary
+    half), p_bn (o and down projection columns a unit), p_bn_mlp (gate/up columns a
+    unit), p_bv (vocabulary rows a unit), p_splits (attention splits at most), p_warps,
+    p_programs (0: one per SM on CUDA, 1 elsewhere), p_staged (one launch a stage, no
+    barriers: what the interpreter can run with several programs)."""
+
+    def __init__(self, layers: Any, fused: list[tuple], k: list[Any], v: list[Any],
+                 embed: Any, norm_w: Any, head_w: Any, cos: Any, sin: Any, max_len: int,
+                 eos: int | None):
+        import torch
+
+        reason = available()
+        if reason is not None:
+            raise ValueError(f"Triton decode kernels unavailable: {reason}")
+        _kernels(fused[0][1].device)  # raises where they can't run (no CUDA, no interpreter)
+        t = layers.tiles
+        x0 = fused[0][1]
+        self.device, self.dtype = x0.device, x0.dtype
+        tensors = [embed, norm_w, head_w, cos, sin] + [w for ws in fused for w in ws
+                                                       if w is not None]
+        if any(w.dtype != self.dtype or w.device != self.device for w in tensors):
+            raise ValueError("the one-row step needs every weight, the embedding and the "
+                             f"rotary tables in {self.dtype} on {self.device}")
+        strides = {c.stride() for c in k + v}
+        if len(strides) != 1:
+            raise ValueError("the one-row step needs every layer's cache laid out alike")
+        self.s_slot, self.s_head, self.s_pos, _ = strides.pop()
+        self.layers, self.heads = len(fused), layers.heads
+        self.kv_heads, self.d, self.group = layers.kv_heads, layers.head_dim, layers.group
+        self.hidden = fused[0][3].shape[0]
+        self.inter = fused[0][8].shape[1]
+        self.vocab = head_w.shape[0]
+        self.eps, self.scale = layers.eps, layers.scale
+        self.max_len, self.eos = int(max_len), eos
+        self.embed, self.norm_w, self.head_w, self.cos, self.sin = embed, norm_w, head_w, cos, sin
+        self.bias = {name: fused[0][i] is not None for name, i in
+                     (("QKV_BIAS", 2), ("O_BIAS", 4), ("GU_BIAS", 7), ("DOWN_BIAS", 9))}
+        pointers = [w for ws in fused for w in ws if w is not None] + k + v
+        if any(w.data_ptr() % 16 for w in pointers):
+            raise ValueError("the one-row step needs 16-byte aligned weights and caches")
+        rows = []
+        for i, ws in enumerate(fused):
+            row = [w.data_ptr() if w is not None else 0 for w in ws] + [k[i].data_ptr(),
+                                                                        v[i].data_ptr()]
+            rows.append(row)
+        self._keep = (fused, k, v)  # the table points into these
+        self.table = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.programs = int(t.get("p_programs") or (sms if cuda else 1))
+        self.staged = bool(t.get("p_staged", 0))
+        self.bs = int(t.get("p_splits", 8))
+        self.bh = min(int(t.get("p_bh", 8)), self.d // 2)
+        self.bn, self.bng = int(t.get("p_bn", 8)), int(t.get("p_bn_mlp", 8))
+        self.bv, self.warps = int(t.get("p_bv", 16)), int(t.get("p_warps", 8))
+        for name, value in (("p_splits", self.bs), ("p_bh", self.bh), ("p_bn", self.bn),
+                            ("p_bn_mlp", self.bng), ("p_bv", self.bv)):
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"tile {name} must be a power of two, got {value}")
+        if self.programs < 1:
+            raise ValueError(f"tile p_programs must be >= 1, got {self.programs}")
+        if self.programs > 1 and not self.staged and not cuda:
+            raise ValueError("more than one program needs CUDA (the interpreter runs them "
+                             "one after another: no barrier is ever met); set p_staged")
+        f32 = torch.float32
+        dev = self.device
+        self.x = torch.empty(self.hidden, dtype=self.dtype, device=dev)
+        self.q = torch.empty(self.heads * self.d, dtype=self.dtype, device=dev)
+        self.part = torch.empty((self.heads, self.bs, self.d), dtype=f32, device=dev)
+        self.ml = torch.empty((self.heads, self.bs, 2), dtype=f32, device=dev)
+        self.h = torch.empty(self.inter, dtype=self.dtype, device=dev)
+        self.best = torch.empty(self.programs, dtype=f32, device=dev)
+        self.bidx = torch.empty(self.programs, dtype=torch.int32, device=dev)
+        self.sync = torch.zeros(2, dtype=torch.int32, device=dev)  # arrivals, gave-up flag
+        self.prefetch: dict[str, int] = {}
+        if cuda and t.get("prefetch", 1):
+            line = _prefetch_lines(1, self.dtype.itemsize)["LINE"]
+            per = {"PF_QKV": (self.heads + 2 * self.kv_heads) * self.d * self.hidden,
+                   "PF_O": self.hidden * self.heads * self.d,
+                   "PF_GU": 2 * self.inter * self.hidden, "PF_DOWN": self.hidden * self.inter}
+            self.prefetch = {"LINE": line, **{name: _pow2(_cdiv(_cdiv(count, line),
+                                                                self.programs))
+                                              for name, count in per.items()}}
+
+    def attention_split(self, window: int) -> tuple[int, int]:
+        """(positions a split, splits) for rows attending over at most `window` positions:
+        whole blocks of _BL, at most p_splits splits."""
+        chunk = _cdiv(_cdiv(window, self.bs), _BL) * _BL
+        return chunk, _cdiv(window, chunk)
+
+    def run(self, tokens: Any, pos: Any, ban: Any, slots: Any, out: Any, window: int) -> None:
+        """Row 0's next greedy token: from its last token tokens[0] at position pos[0]
+        (slot slots[0], attending over at most `window` positions) to out[0] and
+        tokens[0]; pos[0] moves on by one and ban[0] counts down. No host sync: a CUDA
+        graph can capture it."""
+        import torch
+
+        chunk, splits = self.attention_split(window)
+        last = self.layers * _STAGES + 2
+        args = (tokens, pos, ban, out, slots, self.embed, self.table, self.cos, self.sin,
+                self.norm_w, self.head_w, self.x, self.q, self.part, self.ml, self.h,
+                self.best, self.bidx, self.sync, self.eps, -1 if self.eos is None else self.eos,
+                self.scale, self.s_slot, self.s_head, self.s_pos, chunk, splits,
+                self.max_len - 1)
+        consts = dict(LAYERS=self.layers, HIDDEN=self.hidden, HEADS=self.heads,
+                      KV_HEADS=self.kv_heads, D=self.d, INTER=self.inter, VOCAB=self.vocab,
+                      GROUP=self.group, BG=max(16, _pow2(self.group)), BL=_BL, BS=self.bs,
+                      HH=_pow2(self.heads), HP=_pow2(self.hidden), IP=_pow2(self.inter),
+                      BP=_pow2(self.programs), BH=self.bh, BN=self.bn, BNG=self.bng,
+                      BV=self.bv, UPCAST=self.device.type != "cuda",
+                      IEEE=self.dtype == torch.float32, num_warps=self.warps, **self.bias,
+                      **self.prefetch)
+        grid = (self.programs,)
+        if self.staged:
+            for stage in range(last):
+                _jitted_step[grid](*args, stage, stage + 1, SYNC=False, **consts)
+            return
+        self.sync[:1].zero_()
+        _jitted_step[grid](*args, 0, last, SYNC=True, **consts)
+
+    def healthy(self) -> bool:
+        """Whether every barrier so far was met (False: a program was not resident, and
+        the steps since are garbage). Waits for the GPU."""
+        return int(self.sync[1]) == 0
+
+
+def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, heads: int = 9,
+                    kv_heads: int = 3, head_dim: int = 64, inter: int = 1536,
+                    vocab: int = 49152, layers: int = 30, programs: int = 132,
+                    tiles: dict[str, int] | None = None, bias: bool = False) -> dict[str, Any]:
+    """Compile the one-row step for CUDA compute capability `arch` without a GPU
+    (Triton's bundled ptxas), SmolLM2-135M's shapes by default, with `OneRowStep`'s
+    tiles (the defaults of `TritonLayers.tiles`, then `tiles`): its cubin size, shared
+    memory, registers and spills a thread, and PTX. Raises if it does not lower."""
+    if triton is None:
+        raise ValueError("triton is not installed")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a 3.9 notice only
+    t = {**TritonLayers(heads, kv_heads, head_dim, 1e-5, 1.0).tiles, **(tiles or {})}
+    p, f, i = f"*{dtype}", "*fp32", "*i64"
+    size = 4 if dtype == "fp32" else 2
+    line = 128 // size
+
+    def share(count: int) -> int:
+        return _pow2(_cdiv(_cdiv(count, line), programs))
+
+    signature = {"tok_ptr": i, "pos_ptr": i, "ban_ptr": i, "out_ptr": i, "slot_ptr": i,
+                 "embed_ptr": p, "table_ptr": i, "cos_ptr": p, "sin_ptr": p, "normf_ptr": p,
+                 "head_ptr": p, "x_ptr": p, "q_ptr": p, "part_ptr": f, "ml_ptr": f, "h_ptr": p,
+                 "best_ptr": f, "bidx_ptr": "*i32", "sync_ptr": "*i32", "eps": "fp32",
+                 "eos": "i32", "scale": "fp32", "s_slot": "i32", "s_head": "i32",
+                 "s_pos": "i32", "chunk": "i32", "splits": "i32", "max_pos": "i32",
+                 "first": "i32", "last": "i32"}
+    constexprs = {
+        "LAYERS": layers, "HIDDEN": hidden, "HEADS": heads, "KV_HEADS": kv_heads,
+        "D": head_dim, "INTER": inter, "VOCAB": vocab, "GROUP": heads // kv_heads,
+        "BG": max(16, _pow2(heads // kv_heads)), "BL": _BL, "BS": t["p_splits"],
+        "HH": _pow2(heads), "HP": _pow2(hidden), "IP": _pow2(inter), "BP": _pow2(programs),
+        "QKV_BIAS": bias, "O_BIAS": bias, "GU_BIAS": bias, "DOWN_BIAS": bias,
+        "BH": min(t["p_bh"], head_dim // 2), "BN": t["p_bn"], "BNG": t["p_bn_mlp"],
+        "BV": t["p_bv"], "UPCAST": False, "IEEE": dtype == "fp32", "SYNC": True,
+        "LINE": line, "PF_QKV": share((heads + 2 * kv_heads) * head_dim * hidden),
+        "PF_O": share(hidden * heads * head_dim), "PF_GU": share(2 * inter * hidden),
+        "PF_DOWN": share(hidden * inter)}
+    fn = _jitted_step
+    # 16-byte aligned pointers and cache strides, as triton specializes a launch's
+    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+               for a, kind in signature.items()
+               if kind.startswith("*") or a in ("s_slot", "s_head", "s_pos")}
+    src = ASTSource(fn=fn, signature={**signature, **{c: "constexpr" for c in constexprs}},
+                    constexprs=constexprs, attrs=aligned)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": t["p_warps"]})
+    return {"cubin_bytes": len(compiled.asm["cubin"]), "shared_bytes": compiled.metadata.shared,
+            **_registers(compiled.asm["ptx"], arch), "ptx": compiled.asm["ptx"]}
+
+
+def _registers(ptx: str, arch: int) -> dict[str, int]:
+    """Registers a thread and bytes spilled to local memory, as triton's bundled ptxas
+    reports them for `ptx` (-1 each where it can't say)."""
+    import re
+    import subprocess
+    import tempfile
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        suffix = "a" if arch >= 90 else ""
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(ptx)
+            f.flush()
+            report = subprocess.run(
+                [get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", f.name,
+                 "-o", "/dev/null"], capture_output=True, text=True, timeout=600).stderr
+        regs = re.search(r"Used (\d+) registers", report)
+        spill = re.search(r"(\d+) bytes spill stores", report)
+        return {"registers": int(regs.group(1)) if regs else -1,
+                "spills": int(spill.group(1)) if spill else -1}
+    except Exception:  # noqa: BLE001  (a report for humans: never fail the compile check)
+        return {"registers": -1, "spills": -1}

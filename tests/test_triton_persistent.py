@@ -1,0 +1,168 @@
+"""The one-row decode step as one persistent Triton kernel (backends/triton_persistent.py).
+
+As test_triton_decode.py: on a GPU the kernel tests run directly; without CUDA
+`test_the_persistent_step_in_the_interpreter` re-runs this file in a child pytest with
+TRITON_INTERPRET=1 (float32 there). The interpreter runs a grid's programs one after
+another, so a grid barrier is met only by one program: there the step runs as one
+program, and with several programs one stage a launch (`p_staged`). The barriers
+themselves run on a GPU only; `compile_for_gpu` checks their code for an H100.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from contextwise.backends.static_decode import StaticDecoder
+from test_static_decode import PROMPTS, reference
+from test_triton_decode import CUDA, DEVICE, INTERPRETED, kernels_run, tiny32
+
+torch = pytest.importorskip("torch")
+triton = pytest.importorskip("triton")
+
+ONE = {"persistent": 1}
+STAGED = {"persistent": 1, "p_staged": 1, "p_programs": 3}  # several programs, no barriers
+
+
+def launched(dec: StaticDecoder, prompt: list[int], n: int, steps: int = 3,
+             ban: int | None = None) -> list[int]:
+    """n greedy tokens of one prompt in slot 0: prefill, then chunks of `steps` launched
+    and resumed on the device, as the engine's runner decodes."""
+    made = dec.prefill([0], [prompt]).argmax(-1).tolist()
+    pos = len(prompt)
+    run = dec.launch(1, made, [pos], steps=steps, ban_eos=None if ban is None else [ban])
+    while len(made) < n:
+        made.extend(run.tokens()[0])
+        pos += steps
+        run = dec.launch(1, None, [pos], steps=steps)
+    run.tokens()
+    return made[:n]
+
+
+def decoder(model: Any, tiles: dict[str, int], **kwargs: Any) -> StaticDecoder:
+    dec = StaticDecoder(model, slots=1, max_len=512, kernels="triton", **kwargs)
+    dec.triton.tiles.update(tiles)
+    return dec
+
+
+@kernels_run
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: q/k/v biases
+@pytest.mark.parametrize("tiles", [ONE, STAGED], ids=["one_program", "staged"])
+def test_the_one_row_step_equals_transformers_greedy(kind: str, tiles: dict[str, int]) -> None:
+    model = tiny32(kind)
+    dec = decoder(model, tiles)
+    for prompt in PROMPTS[:2]:
+        assert launched(dec, prompt, 10) == reference(model, prompt, 10)
+    assert dec._one_row is not None and dec._one_row.healthy()
+    assert "persistent_note" not in dec.stats
+
+
+@kernels_run
+def test_the_one_row_step_splits_attention_over_a_long_window() -> None:
+    """150 cached positions in a 256 window: 4 splits of 64 (the last one empty at
+    first), 2 splits at most, and odd unit widths: the layer kernels' tokens."""
+    model = tiny32()
+    prompt = [(7 * i + 3) % 128 for i in range(150)]
+    want = launched(decoder(model, {}), prompt, 8, steps=4)
+    for tiles in ({**STAGED, "p_splits": 8}, {**STAGED, "p_splits": 2, "p_bn": 16,
+                                              "p_bv": 32, "p_bh": 16, "p_bn_mlp": 4}):
+        dec = decoder(model, tiles)
+        assert dec.window_for(len(prompt) + 8) == 256
+        assert launched(dec, prompt, 8, steps=4) == want
+        assert dec._one_row is not None
+
+
+@kernels_run
+def test_the_one_row_step_bans_eos_as_the_layer_kernels_do() -> None:
+    model = tiny32()
+    prompt = PROMPTS[0]
+    free = launched(decoder(model, {}, eos=None), prompt, 6)
+    eos = free[2]  # a token greedy decoding picks: banned for the first 4 steps
+    want = launched(decoder(model, {}, eos=eos), prompt, 6, ban=4)
+    got = launched(decoder(model, ONE, eos=eos), prompt, 6, ban=4)
+    assert got == want and eos not in got[1:5]
+
+
+@kernels_run
+def test_a_timed_out_barrier_voids_the_chunk_and_the_decoder_goes_back_to_the_layers() -> None:
+    model = tiny32()
+    dec = decoder(model, ONE)
+    prompt = PROMPTS[0]
+    want = reference(model, prompt, 7)
+    first = dec.prefill([0], [prompt]).argmax(-1).tolist()
+    assert dec.launch(1, first, [len(prompt)], steps=3).tokens()[0] == want[1:4]
+    with torch.inference_mode():
+        dec._one_row.sync[1] = 1  # as a barrier that gave up leaves it
+    pending = dec.launch(1, None, [len(prompt) + 3], steps=3)
+    with pytest.raises(RuntimeError, match="grid barrier timed out"):
+        pending.tokens()
+    assert dec.triton.tiles["persistent"] == 0 and dec._one_row is None
+    assert "timed out" in dec.stats["persistent_note"]
+    # relaunched from the host on the layer kernels (the void chunk rewrote the cache)
+    first = dec.prefill([0], [prompt]).argmax(-1).tolist()
+    assert dec.launch(1, first, [len(prompt)], steps=6).tokens()[0] == want[1:7]
+
+
+@kernels_run
+def test_tiles_the_step_cannot_take_leave_the_layer_kernels_and_say_why() -> None:
+    model = tiny32()
+    for tiles, why in (({**ONE, "p_bn": 12}, "p_bn must be a power of two"),
+                       ({**ONE, "p_programs": 2}, "needs CUDA") if not CUDA else
+                       ({**ONE, "p_splits": 3}, "p_splits must be a power of two")):
+        dec = decoder(model, tiles)
+        assert launched(dec, PROMPTS[1], 5) == reference(model, PROMPTS[1], 5)
+        assert dec.triton.tiles["persistent"] == 0 and why in dec.stats["persistent_note"]
+
+
+def test_the_one_row_step_compiles_for_an_h100() -> None:
+    """Its grid barrier is cooperative groups' (one thread's release arrival and acquire
+    polls), what other SMs wrote is read from L2, the weights through the pointer table
+    in 16-byte loads, the next layer's prefetched: for bf16 and float32, with biases."""
+    from contextwise.backends.triton_persistent import compile_for_gpu
+
+    if INTERPRETED:
+        pytest.skip("the interpreter does not compile")
+    for dtype, bias in (("bf16", False), ("fp32", True)):
+        k = compile_for_gpu(90, dtype, bias=bias)
+        assert k["cubin_bytes"] > 0 and k["shared_bytes"] <= 227 * 1024
+        ptx = k["ptx"]
+        assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.gpu.acquire" in ptx
+        assert ptx.count("ld.global.cg") >= 10
+        assert ptx.count("ld.global.v4") >= 10  # vectorized weight loads
+        assert ptx.count("prefetch.global.L2") >= 4  # the next layer's four matrices
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernels run directly here")
+def test_the_persistent_step_in_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "not interpreter and not compiles and not gpu"], env=env, capture_output=True,
+        text=True, timeout=900, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_one_row_step_on_the_gpu_with_every_sm(dtype: str) -> None:
+    """One program per SM, grid barriers, CUDA graphs: float32 gives transformers'
+    tokens; bfloat16 (its own summation order) the layer kernels' on this tiny model,
+    and every barrier is met."""
+    model = tiny32(dtype=getattr(torch, dtype))
+    dec = decoder(model, ONE)
+    dec.warm_up()
+    assert dec.triton.tiles["persistent"] == 1, dec.stats
+    layers = decoder(model, {})
+    for prompt in PROMPTS:
+        got = launched(dec, prompt, 12, steps=4)
+        want = (reference(model, prompt, 12) if dtype == "float32"
+                else launched(layers, prompt, 12, steps=4))
+        assert got == want
+    assert dec._one_row.programs == torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    assert dec._one_row.healthy() and dec.stats["graphs_captured"] > 0
