@@ -871,11 +871,16 @@ class StaticDecoder:
         return self._one_row
 
     def _persistent_off(self, why: str) -> None:
-        """Back to the layer kernels for one row; graphs that launch the step dropped."""
+        """Back to the layer kernels for one row; graphs that launch the step dropped
+        (after the GPU is done with any still queued)."""
+        import torch
+
         assert self.triton is not None
         self.triton.tiles["persistent"] = 0
         self._one_row = None
         self.stats["persistent_note"] = f"one-row step off since: {why}"
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self._graphs.clear()
 
     def _triton_failed(self, error: BaseException) -> None:

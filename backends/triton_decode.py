@@ -23,6 +23,9 @@ kernels:
 With the tile `attend_o` set (off by default, not yet measured on a GPU), one row
 attending over a short window runs 2 and 3 as one kernel whose every program
 repeats the attention: four launches a layer instead of five.
+With the tile `persistent` set (off by default, not yet measured on a GPU), a
+one-row batch's greedy step is one persistent kernel instead
+(backends/triton_persistent.py).
 
 The arithmetic follows transformers' Llama layer: RMSNorm in float32, the
 weight times the normalized row rounded to the activation dtype, each linear's
@@ -71,7 +74,8 @@ try:  # programmatic dependent launch (Hopper and later; triton >= 3.3)
 except ImportError:
     gdc_launch_dependents = gdc_wait = None
 
-__all__ = ["TritonLayers", "available", "compile_for_gpu", "compiled_variants"]
+__all__ = ["DEFAULT_TILES", "TritonLayers", "available", "compile_for_gpu",
+           "compiled_variants"]
 
 _BL = 64  # cached positions per attention block
 _TARGET_PROGRAMS = 128  # attention programs to aim for (an H100 has 132 SMs)
@@ -588,6 +592,35 @@ def _pow2(n: int) -> int:
     return p
 
 
+# Output columns per matmul program at <= 16 rows and above; the reduction block,
+# warps and pipeline stages of the matmul kernels above 16 rows and (*_small) at
+# <= 16, where a step is bound by the latency of each kernel's dependent loads,
+# not by bandwidth: fewer, larger loads; programs per q/k/v head at <= 16 rows
+# (more programs read each head's weights in parallel); positions per attention
+# split at least. The defaults are the best of benchmarks/gpu_decode.py's sweeps
+# on an H100 (bk_small 256: 1,230 tok/s at batch 1 against 998 at 128).
+# pdl: launch each kernel with programmatic dependent launch where the GPU has it
+# (compute capability 9+), so it starts while the one before it runs; prefetch:
+# such a kernel first asks L2 for its weights. bm: rows per matmul program at most;
+# bv: vocabulary rows per program of the greedy head. early: the matmul kernels
+# issue the loads that don't depend on their matmul (norm row, bias, residual,
+# positions, rotary tables) before it, so they overlap instead of adding round
+# trips (0: after it, as before; 2: also no RMS pass before the matmul, its scale
+# applied after; kept to measure). stages_head: the greedy head's pipeline
+# stages (0: the layers'; its 768 programs at batch 1 want a small footprint).
+# attend_o: for one row attending over at most this many positions, attention
+# and the o projection in one kernel (`_attend_o`; 0: never). persistent: a
+# one-row batch's whole step as one persistent kernel (backends/
+# triton_persistent.py, whose p_* tiles these are; StaticDecoder greedy launches).
+# A TritonLayers copies these at construction; benchmarks may change them first.
+DEFAULT_TILES = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages": 3,
+                 "bk_small": 256, "warps_small": 4, "stages_small": 3, "qkv_split": 1,
+                 "min_split": 256, "bm": 64, "pdl": 1, "prefetch": 1, "bv": 64, "early": 1,
+                 "stages_head": 0, "attend_o": 0, "persistent": 0, "p_bh": 8, "p_bn": 8,
+                 "p_bn_mlp": 8, "p_bv": 16, "p_splits": 8, "p_warps": 8, "p_programs": 0,
+                 "p_staged": 0}
+
+
 class TritonLayers:
     """The five-kernel decode layer for one model's shapes. Stateless apart from the
     shapes: scratch buffers come from the caller's allocator (a CUDA graph's pool)."""
@@ -604,32 +637,7 @@ class TritonLayers:
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.group = heads // kv_heads
         self.eps, self.scale = float(eps), float(scale)
-        # Output columns per matmul program at <= 16 rows and above; the reduction block,
-        # warps and pipeline stages of the matmul kernels above 16 rows and (*_small) at
-        # <= 16, where a step is bound by the latency of each kernel's dependent loads,
-        # not by bandwidth: fewer, larger loads; programs per q/k/v head at <= 16 rows
-        # (more programs read each head's weights in parallel); positions per attention
-        # split at least. The defaults are the best of benchmarks/gpu_decode.py's sweeps
-        # on an H100 (bk_small 256: 1,230 tok/s at batch 1 against 998 at 128).
-        # pdl: launch each kernel with programmatic dependent launch where the GPU has it
-        # (compute capability 9+), so it starts while the one before it runs; prefetch:
-        # such a kernel first asks L2 for its weights. bm: rows per matmul program at most;
-        # bv: vocabulary rows per program of the greedy head. early: the matmul kernels
-        # issue the loads that don't depend on their matmul (norm row, bias, residual,
-        # positions, rotary tables) before it, so they overlap instead of adding round
-        # trips (0: after it, as before; 2: also no RMS pass before the matmul, its scale
-        # applied after; kept to measure). stages_head: the greedy head's pipeline
-        # stages (0: the layers'; its 768 programs at batch 1 want a small footprint).
-        # attend_o: for one row attending over at most this many positions, attention
-        # and the o projection in one kernel (`_attend_o`; 0: never). persistent: a
-        # one-row batch's whole step as one persistent kernel (backends/
-        # triton_persistent.py, whose p_* tiles these are; StaticDecoder greedy launches).
-        self.tiles = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages": 3,
-                      "bk_small": 256, "warps_small": 4, "stages_small": 3, "qkv_split": 1,
-                      "min_split": 256, "bm": 64, "pdl": 1, "prefetch": 1, "bv": 64,
-                      "early": 1, "stages_head": 0, "attend_o": 0, "persistent": 0,
-                      "p_bh": 8, "p_bn": 8, "p_bn_mlp": 8, "p_bv": 16, "p_splits": 8,
-                      "p_warps": 8, "p_programs": 0, "p_staged": 0, **(tiles or {})}
+        self.tiles = {**DEFAULT_TILES, **(tiles or {})}
 
     def uses_pdl(self, device: Any) -> bool:
         """Whether kernels on `device` launch with programmatic dependent launch."""

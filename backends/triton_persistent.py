@@ -111,13 +111,61 @@ if triton is not None:
         return (nw * (x * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
 
     @triton.jit
-    def _rowmat(a, w_ptr, outs, omask, K: tl.constexpr, KP: tl.constexpr):
-        """The row a (float32 [KP], zeros past K) times weight rows `outs` of w [*, K]:
-        float32 [len(outs)]."""
+    def _rows(w_ptr, outs, omask, K: tl.constexpr, KP: tl.constexpr):
+        """Weight rows `outs` of w [*, K], [len(outs), KP] (zeros past K and where not
+        omask): a unit's whole reduction in one load."""
         k = tl.arange(0, KP)
-        w = tl.load(w_ptr + outs[:, None] * K + k[None, :],
-                    mask=omask[:, None] & (k[None, :] < K), other=0.0)
+        return tl.load(w_ptr + outs[:, None] * K + k[None, :],
+                       mask=omask[:, None] & (k[None, :] < K), other=0.0)
+
+    @triton.jit
+    def _times(w, a):
+        """Weight rows w [m, KP] times the row a (float32 [KP]): float32 [m]."""
         return tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+
+    # Each matrix stage loads its first unit's weights before the row they multiply, so
+    # both are one memory round trip, not two (a unit loop's loads would wait for the
+    # row); at SmolLM2's shapes most programs have one unit a stage.
+
+    @triton.jit
+    def _qkv_unit(w1, w2, h, u, b_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos, slot,
+                  s_slot, s_head, s_pos, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                  D: tl.constexpr, HAS_BIAS: tl.constexpr, BH: tl.constexpr):
+        """Unit u of q/k/v (w1, w2: its weight rows of both rotary halves): + bias,
+        rotary; queries to q, the key and value into the cache."""
+        HALF: tl.constexpr = D // 2
+        QS: tl.constexpr = HALF // BH
+        dt = q_ptr.dtype.element_ty
+        head = u // QS
+        half = (u % QS) * BH + tl.arange(0, BH)
+        out1 = head * D + half
+        y1 = _times(w1, h)
+        y2 = _times(w2, h)
+        if HAS_BIAS:
+            y1 += tl.load(b_ptr + out1).to(tl.float32)
+            y2 += tl.load(b_ptr + out1 + HALF).to(tl.float32)
+        y1 = y1.to(dt).to(tl.float32)  # the linear's output, rounded as transformers'
+        y2 = y2.to(dt).to(tl.float32)
+        if head < HEADS + KV_HEADS:  # queries and keys: rotary (rotate_half)
+            at = pos * D + half
+            c1 = tl.load(cos_ptr + at).to(tl.float32)
+            c2 = tl.load(cos_ptr + at + HALF).to(tl.float32)
+            s1 = tl.load(sin_ptr + at).to(tl.float32)
+            s2 = tl.load(sin_ptr + at + HALF).to(tl.float32)
+            r1 = y1 * c1 - y2 * s1
+            r2 = y2 * c2 + y1 * s2
+        else:
+            r1 = y1
+            r2 = y2
+        if head < HEADS:
+            dst = q_ptr + head * D + half
+        elif head < HEADS + KV_HEADS:
+            dst = kc_ptr + slot * s_slot + (head - HEADS) * s_head + pos * s_pos + half
+        else:
+            dst = (vc_ptr + slot * s_slot + (head - HEADS - KV_HEADS) * s_head
+                   + pos * s_pos + half)
+        tl.store(dst, r1.to(dt))
+        tl.store(dst + HALF, r2.to(dt))
 
     @triton.jit
     def _stage_qkv(xin, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos,
@@ -125,43 +173,25 @@ if triton is not None:
                    HP: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                    D: tl.constexpr, HAS_BIAS: tl.constexpr, BH: tl.constexpr):
         """Units of BH columns of one head's first rotary half and the same ones of its
-        second: q/k/v + bias + rotary; queries to q, the key and value into the cache."""
+        second: RMSNorm + q/k/v + bias + rotary + the cache write."""
         HALF: tl.constexpr = D // 2
         QS: tl.constexpr = HALF // BH
-        dt = xin.dtype.element_ty
+        units = (HEADS + 2 * KV_HEADS) * QS
+        out1 = (p // QS) * D + (p % QS) * BH + tl.arange(0, BH)
+        mine = p + tl.zeros((BH,), tl.int32) < units  # (a vector: the interpreter)
+        w1 = _rows(w_ptr, out1, mine, HIDDEN, HP)
+        w2 = _rows(w_ptr, out1 + HALF, mine, HIDDEN, HP)
         h = _normed_row(xin, nw_ptr, eps, HIDDEN, HP)
-        for u in range(p, (HEADS + 2 * KV_HEADS) * QS, P):
-            head = u // QS
-            half = (u % QS) * BH + tl.arange(0, BH)
-            out1 = head * D + half
-            ok = half < HALF
-            y1 = _rowmat(h, w_ptr, out1, ok, HIDDEN, HP)
-            y2 = _rowmat(h, w_ptr, out1 + HALF, ok, HIDDEN, HP)
-            if HAS_BIAS:
-                y1 += tl.load(b_ptr + out1).to(tl.float32)
-                y2 += tl.load(b_ptr + out1 + HALF).to(tl.float32)
-            y1 = y1.to(dt).to(tl.float32)  # the linear's output, rounded as transformers'
-            y2 = y2.to(dt).to(tl.float32)
-            if head < HEADS + KV_HEADS:  # queries and keys: rotary (rotate_half)
-                at = pos * D + half
-                c1 = tl.load(cos_ptr + at).to(tl.float32)
-                c2 = tl.load(cos_ptr + at + HALF).to(tl.float32)
-                s1 = tl.load(sin_ptr + at).to(tl.float32)
-                s2 = tl.load(sin_ptr + at + HALF).to(tl.float32)
-                r1 = y1 * c1 - y2 * s1
-                r2 = y2 * c2 + y1 * s2
-            else:
-                r1 = y1
-                r2 = y2
-            if head < HEADS:
-                dst = q_ptr + head * D + half
-            elif head < HEADS + KV_HEADS:
-                dst = kc_ptr + slot * s_slot + (head - HEADS) * s_head + pos * s_pos + half
-            else:
-                dst = (vc_ptr + slot * s_slot + (head - HEADS - KV_HEADS) * s_head
-                       + pos * s_pos + half)
-            tl.store(dst, r1.to(dt))
-            tl.store(dst + HALF, r2.to(dt))
+        if p < units:
+            _qkv_unit(w1, w2, h, p, b_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos, slot,
+                      s_slot, s_head, s_pos, HEADS, KV_HEADS, D, HAS_BIAS, BH)
+        for u in range(p + P, units, P):
+            out1 = (u // QS) * D + (u % QS) * BH + tl.arange(0, BH)
+            every = out1 >= 0
+            _qkv_unit(_rows(w_ptr, out1, every, HIDDEN, HP),
+                      _rows(w_ptr, out1 + HALF, every, HIDDEN, HP), h, u, b_ptr, cos_ptr,
+                      sin_ptr, q_ptr, kc_ptr, vc_ptr, pos, slot, s_slot, s_head, s_pos, HEADS,
+                      KV_HEADS, D, HAS_BIAS, BH)
 
     @triton.jit
     def _stage_attend(q_ptr, kc_ptr, vc_ptr, part_ptr, ml_ptr, end, slot, chunk, splits, scale,
@@ -191,6 +221,16 @@ if triton is not None:
             tl.store(ml_ptr + at * 2 + 1, l_sum, mask=gmask)
 
     @triton.jit
+    def _add_unit(y, cols, cm, b_ptr, xin, x_ptr, HAS_BIAS: tl.constexpr):
+        """x[cols] = xin[cols] + y (+ bias), y rounded as the linear's output is."""
+        dt = x_ptr.dtype.element_ty
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        y = y.to(dt).to(tl.float32)
+        x = tl.load(xin + cols, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
+        tl.store(x_ptr + cols, (x + y).to(dt), mask=cm)
+
+    @triton.jit
     def _stage_o(part_ptr, ml_ptr, w_ptr, b_ptr, xin, x_ptr, splits, p, P,
                  HIDDEN: tl.constexpr, HEADS: tl.constexpr, HH: tl.constexpr,
                  D: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -199,6 +239,10 @@ if triton is not None:
         instead of a stage and a barrier), rounded as attention's output; then units of
         BN columns: o @ w.T (+ bias), plus the residual xin, into x."""
         dt = x_ptr.dtype.element_ty
+        units = tl.cdiv(HIDDEN, BN)
+        cols = p * BN + tl.arange(0, BN)
+        cm = (cols < HIDDEN) & (p + 0 * cols < units)
+        w = _rows(w_ptr, cols, cm, HEADS * D, HH * D)
         hh = tl.arange(0, HH)
         sp = tl.arange(0, BS)
         d = tl.arange(0, D)
@@ -207,60 +251,74 @@ if triton is not None:
         at = hh[:, None] * BS + sp[None, :]
         m = tl.load(ml_ptr + at * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
         l_sum = tl.load(ml_ptr + at * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
-        top = tl.where(real, tl.max(m, axis=1), 0.0)  # split 0 holds position 0: finite
-        wgt = tl.where(ok, tl.exp(m - top[:, None]), 0.0)
         part = tl.load(part_ptr + at[:, :, None] * D + d[None, None, :], mask=ok[:, :, None],
                        other=0.0, cache_modifier=".cg")
+        top = tl.where(real, tl.max(m, axis=1), 0.0)  # split 0 holds position 0: finite
+        wgt = tl.where(ok, tl.exp(m - top[:, None]), 0.0)
         den = tl.where(real, tl.sum(l_sum * wgt, axis=1), 1.0)
         o = tl.sum(part * wgt[:, :, None], axis=1) / den[:, None]  # [HH, D]
         a = tl.reshape(o.to(dt).to(tl.float32), (HH * D,))  # column h * D + d of o @ w.T
-        for u in range(p, tl.cdiv(HIDDEN, BN), P):
+        if p < units:
+            _add_unit(_times(w, a), cols, cm, b_ptr, xin, x_ptr, HAS_BIAS)
+        for u in range(p + P, units, P):
             cols = u * BN + tl.arange(0, BN)
             cm = cols < HIDDEN
-            y = _rowmat(a, w_ptr, cols, cm, HEADS * D, HH * D)
-            if HAS_BIAS:
-                y += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-            y = y.to(dt).to(tl.float32)
-            x = tl.load(xin + cols, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
-            tl.store(x_ptr + cols, (x + y).to(dt), mask=cm)
+            _add_unit(_times(_rows(w_ptr, cols, cm, HEADS * D, HH * D), a), cols, cm, b_ptr,
+                      xin, x_ptr, HAS_BIAS)
+
+    @triton.jit
+    def _gate_up_unit(wg, wu, h, cols, cm, b_ptr, h_ptr, INTER: tl.constexpr,
+                      HAS_BIAS: tl.constexpr):
+        """h[cols] = silu(gate) * up, from the unit's gate and up weight rows."""
+        dt = h_ptr.dtype.element_ty
+        gate = _times(wg, h)
+        up = _times(wu, h)
+        if HAS_BIAS:
+            gate += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+            up += tl.load(b_ptr + INTER + cols, mask=cm, other=0.0).to(tl.float32)
+        gate = gate.to(dt).to(tl.float32)
+        up = up.to(dt).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)  # F.silu's rounding
+        tl.store(h_ptr + cols, (act * up).to(dt), mask=cm)
 
     @triton.jit
     def _stage_gate_up(x_ptr, nw_ptr, w_ptr, b_ptr, h_ptr, eps, p, P, HIDDEN: tl.constexpr,
                        HP: tl.constexpr, INTER: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BN: tl.constexpr):
-        """Units of BN columns of the MLP: silu(gate) * up of the normed row, into h."""
-        dt = x_ptr.dtype.element_ty
+        """Units of BN columns of the MLP: RMSNorm + silu(gate) * up, into h."""
+        units = tl.cdiv(INTER, BN)
+        cols = p * BN + tl.arange(0, BN)
+        cm = (cols < INTER) & (p + 0 * cols < units)
+        wg = _rows(w_ptr, cols, cm, HIDDEN, HP)
+        wu = _rows(w_ptr, INTER + cols, cm, HIDDEN, HP)
         h = _normed_row(x_ptr, nw_ptr, eps, HIDDEN, HP)
-        for u in range(p, tl.cdiv(INTER, BN), P):
+        if p < units:
+            _gate_up_unit(wg, wu, h, cols, cm, b_ptr, h_ptr, INTER, HAS_BIAS)
+        for u in range(p + P, units, P):
             cols = u * BN + tl.arange(0, BN)
             cm = cols < INTER
-            gate = _rowmat(h, w_ptr, cols, cm, HIDDEN, HP)
-            up = _rowmat(h, w_ptr, INTER + cols, cm, HIDDEN, HP)
-            if HAS_BIAS:
-                gate += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-                up += tl.load(b_ptr + INTER + cols, mask=cm, other=0.0).to(tl.float32)
-            gate = gate.to(dt).to(tl.float32)
-            up = up.to(dt).to(tl.float32)
-            act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)  # F.silu's rounding
-            tl.store(h_ptr + cols, (act * up).to(dt), mask=cm)
+            _gate_up_unit(_rows(w_ptr, cols, cm, HIDDEN, HP),
+                          _rows(w_ptr, INTER + cols, cm, HIDDEN, HP), h, cols, cm, b_ptr, h_ptr,
+                          INTER, HAS_BIAS)
 
     @triton.jit
     def _stage_down(h_ptr, w_ptr, b_ptr, x_ptr, p, P, HIDDEN: tl.constexpr,
                     INTER: tl.constexpr, IP: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BN: tl.constexpr):
         """Units of BN columns: h @ w.T (+ bias), added to x in place."""
-        dt = x_ptr.dtype.element_ty
+        units = tl.cdiv(HIDDEN, BN)
+        cols = p * BN + tl.arange(0, BN)
+        cm = (cols < HIDDEN) & (p + 0 * cols < units)
+        w = _rows(w_ptr, cols, cm, INTER, IP)
         k = tl.arange(0, IP)
         a = tl.load(h_ptr + k, mask=k < INTER, other=0.0, cache_modifier=".cg").to(tl.float32)
-        for u in range(p, tl.cdiv(HIDDEN, BN), P):
+        if p < units:
+            _add_unit(_times(w, a), cols, cm, b_ptr, x_ptr, x_ptr, HAS_BIAS)
+        for u in range(p + P, units, P):
             cols = u * BN + tl.arange(0, BN)
             cm = cols < HIDDEN
-            y = _rowmat(a, w_ptr, cols, cm, INTER, IP)
-            if HAS_BIAS:
-                y += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-            y = y.to(dt).to(tl.float32)
-            x = tl.load(x_ptr + cols, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
-            tl.store(x_ptr + cols, (x + y).to(dt), mask=cm)
+            _add_unit(_times(_rows(w_ptr, cols, cm, INTER, IP), a), cols, cm, b_ptr, x_ptr,
+                      x_ptr, HAS_BIAS)
 
     @triton.jit
     def _stage_head(x_ptr, nw_ptr, w_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
@@ -276,7 +334,7 @@ if triton is not None:
         for u in range(p, tl.cdiv(VOCAB, BV), P):
             cols = u * BV + tl.arange(0, BV)
             cm = cols < VOCAB
-            logits = _rowmat(h, w_ptr, cols, cm, HIDDEN, HP).to(dt).to(tl.float32)
+            logits = _times(_rows(w_ptr, cols, cm, HIDDEN, HP), h).to(dt).to(tl.float32)
             banned = (cols == eos) & (ban > 0)
             logits = tl.where(cm & ~banned, logits, float("-inf"))
             top = tl.max(logits, axis=0)

@@ -1,6 +1,7 @@
 """Static decoding on a GPU: CUDA graphs and continuous batching against plain `generate`.
 
     python -m benchmarks.gpu_decode --config-dir DIR [--out DIR] [--compile] [--budget-s 420]
+        [--tiles persistent=1]
 
 Like benchmarks/gpu_check.py it builds the embedded model's architecture
 (SmolLM2-135M's config.json and real tokenizer) with random bf16 weights,
@@ -21,8 +22,9 @@ generation_config.min_new_tokens, which both paths honour). In one process:
    each round, `gpu_256_rounds_compiled_kernels`: 0 after a complete warm-up);
 3. the same engine on the PyTorch kernels (`*_torch` keys; --no-torch skips them
    here and below);
-   the Triton decoder alone for a few tile settings, at batch 1 and N rows
-   (`decoder_*_triton_sweep`);
+   the Triton decoder alone for a few tile settings, at batch 1 (the one-row
+   persistent step among them) and N rows (`decoder_*_triton_sweep`; --no-sweep
+   skips them); --tiles sets tile defaults for the whole run, the engine's too;
 4. the decoder alone, each kind of kernels: batch 1 with 8 and 1 steps per
    replay, without graphs, and N rows; the kernel profile of eager steps (the
    Triton one also without programmatic dependent launch, `*_nopdl`, where each
@@ -65,6 +67,11 @@ def main() -> None:
                              "runs them at ~10 tok/s)")
     parser.add_argument("--budget-s", type=float, default=420,
                         help="optional phases start only before this many seconds")
+    parser.add_argument("--tiles", type=tile_settings, default={},
+                        help="Triton tile defaults for everything here, the engine "
+                             "included: k=v,... (e.g. persistent=1)")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false",
+                        help="skip the tile sweeps")
     args = parser.parse_args()
 
     import torch
@@ -78,6 +85,10 @@ def main() -> None:
     from benchmarks.gpu_check import random_model_dir
 
     hf_logging.disable_progress_bar()
+    if args.tiles:
+        from contextwise.backends.triton_decode import DEFAULT_TILES
+
+        DEFAULT_TILES.update(args.tiles)
     t_start = time.perf_counter()
     gpu = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if gpu else (lambda: None)
@@ -87,7 +98,7 @@ def main() -> None:
         "gpu_card": torch.cuda.get_device_name(0) if gpu else "cpu (dry run)",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "dtype": "bfloat16", "weights": "random (SmolLM2-135M architecture and tokenizer)",
-        "new_tokens_per_request": new, "concurrent_requests": n,
+        "new_tokens_per_request": new, "concurrent_requests": n, "tiles": args.tiles,
     }
 
     def log(msg: str) -> None:
@@ -108,7 +119,7 @@ def main() -> None:
     prompt = enc[0]
     if args.torch_rows:
         other_rows(plain, questions, prompt, new, out, log, save)
-    if gpu:
+    if gpu and args.sweep:
         tile_sweep(model, prompt, n, new, out, log, save)
 
     # 4. the decoder alone: steps per replay, graphs on/off at batch 1; and at N (the
@@ -197,6 +208,20 @@ def main() -> None:
     print(json.dumps(out, indent=2))
 
 
+def tile_settings(text: str) -> dict[str, int]:
+    """--tiles: "k=v,k=v" into {k: int(v)}, each k a tile of TritonLayers."""
+    from contextwise.backends.triton_decode import DEFAULT_TILES
+
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in DEFAULT_TILES or not value.lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: want k=integer, k one of {', '.join(sorted(DEFAULT_TILES))}")
+        out[key] = int(value)
+    return out
+
+
 def decoder_tok_s(dec: Any, prompt: list[int], rows: int, count: int, steps: int,
                   sync: Any) -> float:
     """Tokens/s of `dec` alone: `rows` copies of `prompt` prefilled, then `count` tokens
@@ -258,10 +283,11 @@ def tile_sweep(model: Any, prompt: list[int], n: int, new: int, out: dict[str, A
 
     for rows, key, variants in (
             (1, "decoder_bs1_triton_sweep", (
-                {}, {"early": 0}, {"early": 2}, {"stages_small": 4},
-                {"stages_small": 6, "stages_head": 3}, {"attend_o": 256},
-                {"attend_o": 256, "early": 2, "stages_small": 4},
-                {"attend_o": 256, "early": 2, "stages_small": 6, "stages_head": 3})),
+                {}, {"persistent": 1}, {"persistent": 1, "p_bv": 32},
+                {"persistent": 1, "p_warps": 4}, {"persistent": 1, "p_bn": 16, "p_bn_mlp": 16},
+                {"persistent": 1, "p_bh": 16}, {"persistent": 1, "prefetch": 0},
+                {"early": 2}, {"stages_small": 4}, {"attend_o": 256},
+                {"attend_o": 256, "early": 2, "stages_small": 4})),
             (n, "decoder_many_triton_sweep", ({}, {"early": 0}, {"early": 2}, {"stages": 4}))):
         sweep = {}
         for tiles in variants:
