@@ -617,8 +617,8 @@ DEFAULT_TILES = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages"
                  "bk_small": 256, "warps_small": 4, "stages_small": 3, "qkv_split": 1,
                  "min_split": 256, "bm": 64, "pdl": 1, "prefetch": 1, "bv": 64, "early": 1,
                  "stages_head": 0, "attend_o": 0, "persistent": 0, "p_bh": 8, "p_bn": 8,
-                 "p_bn_mlp": 8, "p_bv": 16, "p_splits": 8, "p_warps": 8, "p_programs": 0,
-                 "p_staged": 0}
+                 "p_bn_mlp": 8, "p_bv": 16, "p_splits": 8, "p_warps": 8, "p_ahead": 0,
+                 "p_programs": 0, "p_staged": 0}
 
 
 class TritonLayers:

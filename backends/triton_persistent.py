@@ -15,7 +15,10 @@ projection + residual; then (6) the final RMSNorm + lm_head, each program keepin
 its largest logit, and (7) the first of the largest (torch.argmax's pick): the next
 token, its position moved on, the EOS ban counted down. Layer 0 reads its input
 straight from the embedding. Each program asks L2 for its share of the next layer's
-weights a layer ahead, so a stage's weight loads hit L2.
+weights a layer ahead, so a stage's weight loads hit L2; it loads its first unit's
+weights of a stage before the activations they multiply (one round trip, not two),
+or with the tile p_ahead a stage early, before the barrier, so they arrive while it
+waits there.
 
 One row needs no tensor cores: a program's output columns are the row times those
 weight rows over the whole reduction at once (every load of a stage in one memory
@@ -168,19 +171,27 @@ if triton is not None:
         tl.store(dst + HALF, r2.to(dt))
 
     @triton.jit
-    def _stage_qkv(xin, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos,
-                   slot, eps, s_slot, s_head, s_pos, p, P, HIDDEN: tl.constexpr,
+    def _qkv_first(w_ptr, p, limit, HIDDEN: tl.constexpr, HP: tl.constexpr,
+                   D: tl.constexpr, BH: tl.constexpr):
+        """Program p's first q/k/v unit's weight rows (both rotary halves); none (zeros,
+        no load) unless p < limit."""
+        HALF: tl.constexpr = D // 2
+        QS: tl.constexpr = HALF // BH
+        out1 = (p // QS) * D + (p % QS) * BH + tl.arange(0, BH)
+        mine = p + tl.zeros((BH,), tl.int32) < limit  # (a vector: the interpreter)
+        return _rows(w_ptr, out1, mine, HIDDEN, HP), _rows(w_ptr, out1 + HALF, mine, HIDDEN, HP)
+
+    @triton.jit
+    def _stage_qkv(w1, w2, xin, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr,
+                   pos, slot, eps, s_slot, s_head, s_pos, p, P, HIDDEN: tl.constexpr,
                    HP: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                    D: tl.constexpr, HAS_BIAS: tl.constexpr, BH: tl.constexpr):
         """Units of BH columns of one head's first rotary half and the same ones of its
-        second: RMSNorm + q/k/v + bias + rotary + the cache write."""
+        second: RMSNorm + q/k/v + bias + rotary + the cache write (w1, w2: the first
+        unit's weights, `_qkv_first`)."""
         HALF: tl.constexpr = D // 2
         QS: tl.constexpr = HALF // BH
         units = (HEADS + 2 * KV_HEADS) * QS
-        out1 = (p // QS) * D + (p % QS) * BH + tl.arange(0, BH)
-        mine = p + tl.zeros((BH,), tl.int32) < units  # (a vector: the interpreter)
-        w1 = _rows(w_ptr, out1, mine, HIDDEN, HP)
-        w2 = _rows(w_ptr, out1 + HALF, mine, HIDDEN, HP)
         h = _normed_row(xin, nw_ptr, eps, HIDDEN, HP)
         if p < units:
             _qkv_unit(w1, w2, h, p, b_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos, slot,
@@ -231,18 +242,26 @@ if triton is not None:
         tl.store(x_ptr + cols, (x + y).to(dt), mask=cm)
 
     @triton.jit
-    def _stage_o(part_ptr, ml_ptr, w_ptr, b_ptr, xin, x_ptr, splits, p, P,
+    def _cols_first(w_ptr, off, p, limit, N: tl.constexpr, K: tl.constexpr,
+                    KP: tl.constexpr, BN: tl.constexpr):
+        """Program p's first unit's weight rows off + (BN columns of N) of w [*, K]; none
+        (zeros, no load) unless p < limit."""
+        cols = p * BN + tl.arange(0, BN)
+        return _rows(w_ptr, off + cols, (cols < N) & (p + 0 * cols < limit), K, KP)
+
+    @triton.jit
+    def _stage_o(w, part_ptr, ml_ptr, w_ptr, b_ptr, xin, x_ptr, splits, p, P,
                  HIDDEN: tl.constexpr, HEADS: tl.constexpr, HH: tl.constexpr,
                  D: tl.constexpr, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BN: tl.constexpr):
         """Every head's splits combined (each program all of them: a few KB from L2,
         instead of a stage and a barrier), rounded as attention's output; then units of
-        BN columns: o @ w.T (+ bias), plus the residual xin, into x."""
+        BN columns: o @ w.T (+ bias), plus the residual xin, into x (w: the first unit's
+        weights, `_cols_first`)."""
         dt = x_ptr.dtype.element_ty
         units = tl.cdiv(HIDDEN, BN)
         cols = p * BN + tl.arange(0, BN)
-        cm = (cols < HIDDEN) & (p + 0 * cols < units)
-        w = _rows(w_ptr, cols, cm, HEADS * D, HH * D)
+        cm = cols < HIDDEN
         hh = tl.arange(0, HH)
         sp = tl.arange(0, BS)
         d = tl.arange(0, D)
@@ -282,15 +301,14 @@ if triton is not None:
         tl.store(h_ptr + cols, (act * up).to(dt), mask=cm)
 
     @triton.jit
-    def _stage_gate_up(x_ptr, nw_ptr, w_ptr, b_ptr, h_ptr, eps, p, P, HIDDEN: tl.constexpr,
-                       HP: tl.constexpr, INTER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BN: tl.constexpr):
-        """Units of BN columns of the MLP: RMSNorm + silu(gate) * up, into h."""
+    def _stage_gate_up(wg, wu, x_ptr, nw_ptr, w_ptr, b_ptr, h_ptr, eps, p, P,
+                       HIDDEN: tl.constexpr, HP: tl.constexpr, INTER: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BN: tl.constexpr):
+        """Units of BN columns of the MLP: RMSNorm + silu(gate) * up, into h (wg, wu: the
+        first unit's gate and up weights, `_cols_first`)."""
         units = tl.cdiv(INTER, BN)
         cols = p * BN + tl.arange(0, BN)
-        cm = (cols < INTER) & (p + 0 * cols < units)
-        wg = _rows(w_ptr, cols, cm, HIDDEN, HP)
-        wu = _rows(w_ptr, INTER + cols, cm, HIDDEN, HP)
+        cm = cols < INTER
         h = _normed_row(x_ptr, nw_ptr, eps, HIDDEN, HP)
         if p < units:
             _gate_up_unit(wg, wu, h, cols, cm, b_ptr, h_ptr, INTER, HAS_BIAS)
@@ -302,14 +320,14 @@ if triton is not None:
                           INTER, HAS_BIAS)
 
     @triton.jit
-    def _stage_down(h_ptr, w_ptr, b_ptr, x_ptr, p, P, HIDDEN: tl.constexpr,
+    def _stage_down(w, h_ptr, w_ptr, b_ptr, x_ptr, p, P, HIDDEN: tl.constexpr,
                     INTER: tl.constexpr, IP: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BN: tl.constexpr):
-        """Units of BN columns: h @ w.T (+ bias), added to x in place."""
+        """Units of BN columns: h @ w.T (+ bias), added to x in place (w: the first unit's
+        weights, `_cols_first`)."""
         units = tl.cdiv(HIDDEN, BN)
         cols = p * BN + tl.arange(0, BN)
-        cm = (cols < HIDDEN) & (p + 0 * cols < units)
-        w = _rows(w_ptr, cols, cm, INTER, IP)
+        cm = cols < HIDDEN
         k = tl.arange(0, IP)
         a = tl.load(h_ptr + k, mask=k < INTER, other=0.0, cache_modifier=".cg").to(tl.float32)
         if p < units:
@@ -360,6 +378,15 @@ if triton is not None:
         tl.store(pos_ptr, tl.load(pos_ptr) + 1)
         tl.store(ban_ptr, tl.load(ban_ptr) - 1)
 
+    @triton.jit
+    def _sync_before(s, first, last, sync_ptr, arrivals, limit, P, SYNC: tl.constexpr):
+        """The grid barrier before stage s when this launch runs it and one before it:
+        (arrivals so far, the next barrier's poll limit)."""
+        if (s > first) & (s < last):
+            arrivals += P
+            limit = _grid_sync(sync_ptr, arrivals, limit, SYNC)
+        return arrivals, limit
+
     def _one_row_step(tok_ptr, pos_ptr, ban_ptr, out_ptr, slot_ptr, embed_ptr, table_ptr,
                       cos_ptr, sin_ptr, normf_ptr, head_ptr, x_ptr, q_ptr, part_ptr, ml_ptr,
                       h_ptr, best_ptr, bidx_ptr, sync_ptr, eps, eos, scale, s_slot, s_head,
@@ -372,74 +399,118 @@ if triton is not None:
                       QKV_BIAS: tl.constexpr, O_BIAS: tl.constexpr, GU_BIAS: tl.constexpr,
                       DOWN_BIAS: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
                       BNG: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr,
-                      IEEE: tl.constexpr, SYNC: tl.constexpr, LINE: tl.constexpr = 64,
-                      PF_QKV: tl.constexpr = 0, PF_O: tl.constexpr = 0,
-                      PF_GU: tl.constexpr = 0, PF_DOWN: tl.constexpr = 0):
+                      IEEE: tl.constexpr, SYNC: tl.constexpr, AHEAD: tl.constexpr = 0,
+                      LINE: tl.constexpr = 64, PF_QKV: tl.constexpr = 0,
+                      PF_O: tl.constexpr = 0, PF_GU: tl.constexpr = 0,
+                      PF_DOWN: tl.constexpr = 0):
         """Grid (programs,): stages first..last-1 of the step (layer l's stage s is
         l * 5 + s; the head LAYERS * 5, the pick LAYERS * 5 + 1), a grid barrier between
-        each two (SYNC; without it the caller launches one stage at a time). PF_*: lines
-        of each weight a program prefetches for the next layer (0: none)."""
+        each two (SYNC; without it the caller launches one stage at a time). A program's
+        first unit's weights of a stage are loaded right after the barrier before it, or
+        with AHEAD one stage earlier, before that barrier (the next layer's q/k/v during
+        the gate/up stage), so they arrive while the programs wait. PF_*: lines of each
+        weight a program prefetches to L2 for the next layer (0: none)."""
         p = tl.program_id(0)
         P = tl.num_programs(0)
         tok = tl.load(tok_ptr)
         pos = tl.minimum(tl.load(pos_ptr), max_pos)
         slot = tl.load(slot_ptr).to(tl.int64)
         ban = tl.load(ban_ptr)
-        arrivals = 0
+        QS: tl.constexpr = D // 2 // BH
+        Q_UNITS: tl.constexpr = (HEADS + 2 * KV_HEADS) * QS
+        O_UNITS: tl.constexpr = (HIDDEN + BN - 1) // BN
+        G_UNITS: tl.constexpr = (INTER + BNG - 1) // BNG
+        KO: tl.constexpr = HEADS * D
+        arrivals = p * 0
         limit = tl.full((), _SPIN_LIMIT, tl.int32)
-        for stage in range(first, last):
-            if stage > first:
-                arrivals += P
-                limit = _grid_sync(sync_ptr, arrivals, limit, SYNC)
-            layer = stage // 5
-            kind = stage % 5
-            if layer < LAYERS:
-                if layer == 0:  # the embedding row is the first layer's input
-                    xin = embed_ptr + tok * HIDDEN
-                else:
-                    xin = x_ptr
-                if kind == 0:
-                    if PF_QKV > 0:
-                        if layer + 1 < LAYERS:
-                            _prefetch_share(_at(table_ptr, layer + 1, 1, x_ptr),
-                                            (HEADS + 2 * KV_HEADS) * D * HIDDEN, p, P, LINE,
-                                            PF_QKV)
-                            _prefetch_share(_at(table_ptr, layer + 1, 3, x_ptr),
-                                            HIDDEN * HEADS * D, p, P, LINE, PF_O)
-                            _prefetch_share(_at(table_ptr, layer + 1, 6, x_ptr),
-                                            2 * INTER * HIDDEN, p, P, LINE, PF_GU)
-                            _prefetch_share(_at(table_ptr, layer + 1, 8, x_ptr),
-                                            HIDDEN * INTER, p, P, LINE, PF_DOWN)
-                    _stage_qkv(xin, _at(table_ptr, layer, 0, x_ptr),
-                               _at(table_ptr, layer, 1, x_ptr), _at(table_ptr, layer, 2, x_ptr),
-                               cos_ptr, sin_ptr, q_ptr, _at(table_ptr, layer, 10, x_ptr),
-                               _at(table_ptr, layer, 11, x_ptr), pos, slot, eps, s_slot,
-                               s_head, s_pos, p, P, HIDDEN, HP, HEADS, KV_HEADS, D, QKV_BIAS,
-                               BH)
-                elif kind == 1:
-                    _stage_attend(q_ptr, _at(table_ptr, layer, 10, x_ptr),
-                                  _at(table_ptr, layer, 11, x_ptr), part_ptr, ml_ptr, pos + 1,
-                                  slot, chunk, splits, scale, s_slot, s_head, s_pos, p, P,
-                                  KV_HEADS, D, GROUP, BG, BL, BS, UPCAST, IEEE)
-                elif kind == 2:
-                    _stage_o(part_ptr, ml_ptr, _at(table_ptr, layer, 3, x_ptr),
-                             _at(table_ptr, layer, 4, x_ptr), xin, x_ptr, splits, p, P, HIDDEN,
-                             HEADS, HH, D, BS, O_BIAS, BN)
-                elif kind == 3:
-                    _stage_gate_up(x_ptr, _at(table_ptr, layer, 5, x_ptr),
-                                   _at(table_ptr, layer, 6, x_ptr),
-                                   _at(table_ptr, layer, 7, x_ptr), h_ptr, eps, p, P, HIDDEN,
-                                   HP, INTER, GU_BIAS, BNG)
-                else:
-                    _stage_down(h_ptr, _at(table_ptr, layer, 8, x_ptr),
-                                _at(table_ptr, layer, 9, x_ptr), x_ptr, p, P, HIDDEN, INTER,
-                                IP, DOWN_BIAS, BN)
-            elif kind == 0:
-                _stage_head(x_ptr, normf_ptr, head_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
-                            HIDDEN, HP, VOCAB, BV)
-            elif p == 0:
-                _stage_pick(best_ptr, bidx_ptr, out_ptr, tok_ptr, pos_ptr, ban_ptr, P, VOCAB,
-                            BP)
+        start = tl.minimum(first // 5, LAYERS)
+        wq1, wq2 = _qkv_first(_at(table_ptr, tl.minimum(start, LAYERS - 1), 1, x_ptr), p,
+                              Q_UNITS * AHEAD * (start < LAYERS), HIDDEN, HP, D, BH)
+        for layer in range(start, tl.minimum(LAYERS, (last + 4) // 5)):
+            s = layer * 5
+            if layer == 0:  # the embedding row is the first layer's input
+                xin = embed_ptr + tok * HIDDEN
+            else:
+                xin = x_ptr
+            kc = _at(table_ptr, layer, 10, x_ptr)
+            vc = _at(table_ptr, layer, 11, x_ptr)
+            # 1. RMSNorm + q/k/v + rotary + cache write
+            arrivals, limit = _sync_before(s, first, last, sync_ptr, arrivals, limit, P, SYNC)
+            if PF_QKV > 0:  # the next layer's weights to L2, a share each program
+                if layer + 1 < LAYERS:
+                    _prefetch_share(_at(table_ptr, layer + 1, 1, x_ptr),
+                                    (HEADS + 2 * KV_HEADS) * D * HIDDEN, p, P, LINE, PF_QKV)
+                    _prefetch_share(_at(table_ptr, layer + 1, 3, x_ptr), HIDDEN * KO, p, P,
+                                    LINE, PF_O)
+                    _prefetch_share(_at(table_ptr, layer + 1, 6, x_ptr), 2 * INTER * HIDDEN,
+                                    p, P, LINE, PF_GU)
+                    _prefetch_share(_at(table_ptr, layer + 1, 8, x_ptr), HIDDEN * INTER, p, P,
+                                    LINE, PF_DOWN)
+            if not AHEAD:
+                wq1, wq2 = _qkv_first(_at(table_ptr, layer, 1, x_ptr), p, Q_UNITS, HIDDEN, HP,
+                                      D, BH)
+            if (s >= first) & (s < last):
+                _stage_qkv(wq1, wq2, xin, _at(table_ptr, layer, 0, x_ptr),
+                           _at(table_ptr, layer, 1, x_ptr), _at(table_ptr, layer, 2, x_ptr),
+                           cos_ptr, sin_ptr, q_ptr, kc, vc, pos, slot, eps, s_slot, s_head,
+                           s_pos, p, P, HIDDEN, HP, HEADS, KV_HEADS, D, QKV_BIAS, BH)
+            o_w = _at(table_ptr, layer, 3, x_ptr)
+            if AHEAD:
+                wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
+            # 2. attention, split along the positions
+            arrivals, limit = _sync_before(s + 1, first, last, sync_ptr, arrivals, limit, P,
+                                           SYNC)
+            if (s + 1 >= first) & (s + 1 < last):
+                _stage_attend(q_ptr, kc, vc, part_ptr, ml_ptr, pos + 1, slot, chunk, splits,
+                              scale, s_slot, s_head, s_pos, p, P, KV_HEADS, D, GROUP, BG, BL,
+                              BS, UPCAST, IEEE)
+            gu_w = _at(table_ptr, layer, 6, x_ptr)
+            if AHEAD:
+                wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+                wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+            # 3. the splits combined + o projection + residual
+            arrivals, limit = _sync_before(s + 2, first, last, sync_ptr, arrivals, limit, P,
+                                           SYNC)
+            if not AHEAD:
+                wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
+            if (s + 2 >= first) & (s + 2 < last):
+                _stage_o(wo, part_ptr, ml_ptr, o_w, _at(table_ptr, layer, 4, x_ptr), xin, x_ptr,
+                         splits, p, P, HIDDEN, HEADS, HH, D, BS, O_BIAS, BN)
+            down_w = _at(table_ptr, layer, 8, x_ptr)
+            if AHEAD:
+                wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
+            # 4. RMSNorm + gate/up + SiLU(gate) * up
+            arrivals, limit = _sync_before(s + 3, first, last, sync_ptr, arrivals, limit, P,
+                                           SYNC)
+            if not AHEAD:
+                wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+                wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+            if (s + 3 >= first) & (s + 3 < last):
+                _stage_gate_up(wg, wu, x_ptr, _at(table_ptr, layer, 5, x_ptr), gu_w,
+                               _at(table_ptr, layer, 7, x_ptr), h_ptr, eps, p, P, HIDDEN, HP,
+                               INTER, GU_BIAS, BNG)
+            if AHEAD:  # the next layer's first q/k/v unit
+                nxt = tl.minimum(layer + 1, LAYERS - 1)
+                wq1, wq2 = _qkv_first(_at(table_ptr, nxt, 1, x_ptr), p,
+                                      Q_UNITS * (layer + 1 < LAYERS), HIDDEN, HP, D, BH)
+            # 5. down projection + residual
+            arrivals, limit = _sync_before(s + 4, first, last, sync_ptr, arrivals, limit, P,
+                                           SYNC)
+            if not AHEAD:
+                wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
+            if (s + 4 >= first) & (s + 4 < last):
+                _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, 9, x_ptr), x_ptr, p, P,
+                            HIDDEN, INTER, IP, DOWN_BIAS, BN)
+        # 6. the final RMSNorm + lm_head, each program's largest logit
+        s = LAYERS * 5
+        arrivals, limit = _sync_before(s, first, last, sync_ptr, arrivals, limit, P, SYNC)
+        if (s >= first) & (s < last):
+            _stage_head(x_ptr, normf_ptr, head_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
+                        HIDDEN, HP, VOCAB, BV)
+        # 7. the pick
+        arrivals, limit = _sync_before(s + 1, first, last, sync_ptr, arrivals, limit, P, SYNC)
+        if (s + 1 >= first) & (s + 1 < last) & (p == 0):
+            _stage_pick(best_ptr, bidx_ptr, out_ptr, tok_ptr, pos_ptr, ban_ptr, P, VOCAB, BP)
 
     _jitted_step = triton.jit(_one_row_step, do_not_specialize=["chunk", "splits", "first",
                                                                  "last"])
@@ -453,7 +524,8 @@ class OneRowStep:
     """The persistent one-row decode step over a `StaticDecoder`'s fused weights and
     cache. Tiles (from `TritonLayers.tiles`): p_bh (q/k/v columns a unit, per rotary
     half), p_bn (o and down projection columns a unit), p_bn_mlp (gate/up columns a
-    unit), p_bv (vocabulary rows a unit), p_splits (attention splits at most), p_warps,
+    unit), p_bv (vocabulary rows a unit), p_splits (attention splits at most), p_ahead
+    (each stage's first weights loaded a stage early, before the barrier), p_warps,
     p_programs (0: one per SM on CUDA, 1 elsewhere), p_staged (one launch a stage, no
     barriers: what the interpreter can run with several programs)."""
 
@@ -507,6 +579,7 @@ class OneRowStep:
         self.bh = min(int(t.get("p_bh", 8)), self.d // 2)
         self.bn, self.bng = int(t.get("p_bn", 8)), int(t.get("p_bn_mlp", 8))
         self.bv, self.warps = int(t.get("p_bv", 16)), int(t.get("p_warps", 8))
+        self.ahead = int(bool(t.get("p_ahead", 0)))
         for name, value in (("p_splits", self.bs), ("p_bh", self.bh), ("p_bn", self.bn),
                             ("p_bn_mlp", self.bng), ("p_bv", self.bv)):
             if value < 1 or value & (value - 1):
@@ -561,7 +634,7 @@ class OneRowStep:
                       GROUP=self.group, BG=max(16, _pow2(self.group)), BL=_BL, BS=self.bs,
                       HH=_pow2(self.heads), HP=_pow2(self.hidden), IP=_pow2(self.inter),
                       BP=_pow2(self.programs), BH=self.bh, BN=self.bn, BNG=self.bng,
-                      BV=self.bv, UPCAST=self.device.type != "cuda",
+                      BV=self.bv, AHEAD=self.ahead, UPCAST=self.device.type != "cuda",
                       IEEE=self.dtype == torch.float32, num_warps=self.warps, **self.bias,
                       **self.prefetch)
         grid = (self.programs,)
@@ -614,7 +687,8 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
         "HH": _pow2(heads), "HP": _pow2(hidden), "IP": _pow2(inter), "BP": _pow2(programs),
         "QKV_BIAS": bias, "O_BIAS": bias, "GU_BIAS": bias, "DOWN_BIAS": bias,
         "BH": min(t["p_bh"], head_dim // 2), "BN": t["p_bn"], "BNG": t["p_bn_mlp"],
-        "BV": t["p_bv"], "UPCAST": False, "IEEE": dtype == "fp32", "SYNC": True,
+        "BV": t["p_bv"], "AHEAD": t["p_ahead"], "UPCAST": False, "IEEE": dtype == "fp32",
+        "SYNC": True,
         "LINE": line, "PF_QKV": share((heads + 2 * kv_heads) * head_dim * hidden),
         "PF_O": share(hidden * heads * head_dim), "PF_GU": share(2 * inter * hidden),
         "PF_DOWN": share(hidden * inter)}

@@ -283,10 +283,11 @@ def tile_sweep(model: Any, prompt: list[int], n: int, new: int, out: dict[str, A
 
     for rows, key, variants in (
             (1, "decoder_bs1_triton_sweep", (
-                {}, {"persistent": 1}, {"persistent": 1, "p_bv": 32},
-                {"persistent": 1, "p_warps": 4}, {"persistent": 1, "p_bn": 16, "p_bn_mlp": 16},
-                {"persistent": 1, "p_bh": 16}, {"persistent": 1, "prefetch": 0},
-                {"early": 2}, {"stages_small": 4}, {"attend_o": 256},
+                {}, {"persistent": 1}, {"persistent": 1, "p_ahead": 1},
+                {"persistent": 1, "p_bv": 32}, {"persistent": 1, "p_warps": 4},
+                {"persistent": 1, "p_bn": 16, "p_bn_mlp": 16}, {"persistent": 1, "prefetch": 0},
+                {"persistent": 1, "p_ahead": 1, "p_bv": 32, "p_bn_mlp": 16},
+                {"stages_small": 4}, {"attend_o": 256},
                 {"attend_o": 256, "early": 2, "stages_small": 4})),
             (n, "decoder_many_triton_sweep", ({}, {"early": 0}, {"early": 2}, {"stages": 4}))):
         sweep = {}
