@@ -557,12 +557,17 @@ _UNSPECIALIZED = {"norm_qkv_rope": ["n"], "matmul_add": ["n"], "norm_gate_up": [
                   "head_argmax": ["n"], "combine": ["splits"], "pick": ["s_out"]}
 
 
+# Jitted decode kernels of other modules (triton_persistent's step) that
+# compiled_variants counts too; they add themselves on import.
+OTHER_KERNELS: list[Any] = []
+
+
 def compiled_variants() -> int:
     """How many kernel variants triton has compiled in this process, all decode kernels
     together (one appearing while serving is a compile stall); -1 when triton does not
     say (not installed, or its cache internals moved)."""
     try:
-        return sum(len(cache[0]) for fn in _jitted().values()
+        return sum(len(cache[0]) for fn in [*_jitted().values(), *OTHER_KERNELS]
                    for cache in fn.device_caches.values())
     except Exception:  # noqa: BLE001  (a private attribute of triton's: no count)
         return -1

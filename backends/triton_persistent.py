@@ -42,6 +42,7 @@ from typing import Any
 
 from contextwise.backends.triton_decode import (
     _BL,
+    OTHER_KERNELS,
     TritonLayers,
     _attention,
     _kernels,
@@ -98,6 +99,17 @@ if triton is not None:
         """Ask L2 for this program's share of `count` elements at ptr: lines p, p + P, ...
         (LINE elements a line, PER lines at most; the clamp repeats the last line)."""
         at = tl.minimum((p + P * tl.arange(0, PER)) * LINE, count - 1)
+        tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l",
+                                  [ptr + at], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefetch_units(ptr, count, p, P, UNIT: tl.constexpr, LINE: tl.constexpr,
+                        PER: tl.constexpr):
+        """Ask L2 for this program's units of UNIT contiguous elements at ptr (units p,
+        p + P, ...; `count` elements in all): PER lines at most, in the order it reads them."""
+        LINES: tl.constexpr = (UNIT + LINE - 1) // LINE
+        i = tl.arange(0, PER)
+        at = tl.minimum((p + P * (i // LINES)) * UNIT + (i % LINES) * LINE, count - 1)
         tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l",
                                   [ptr + at], dtype=tl.int32, is_pure=False, pack=1)
 
@@ -402,14 +414,15 @@ if triton is not None:
                       IEEE: tl.constexpr, SYNC: tl.constexpr, AHEAD: tl.constexpr = 0,
                       LINE: tl.constexpr = 64, PF_QKV: tl.constexpr = 0,
                       PF_O: tl.constexpr = 0, PF_GU: tl.constexpr = 0,
-                      PF_DOWN: tl.constexpr = 0):
+                      PF_DOWN: tl.constexpr = 0, PF_HEAD: tl.constexpr = 0):
         """Grid (programs,): stages first..last-1 of the step (layer l's stage s is
         l * 5 + s; the head LAYERS * 5, the pick LAYERS * 5 + 1), a grid barrier between
         each two (SYNC; without it the caller launches one stage at a time). A program's
         first unit's weights of a stage are loaded right after the barrier before it, or
         with AHEAD one stage earlier, before that barrier (the next layer's q/k/v during
         the gate/up stage), so they arrive while the programs wait. PF_*: lines of each
-        weight a program prefetches to L2 for the next layer (0: none)."""
+        weight a program prefetches to L2 for the next layer, and of the output
+        embedding for the head (0: none)."""
         p = tl.program_id(0)
         P = tl.num_programs(0)
         tok = tl.load(tok_ptr)
@@ -501,8 +514,11 @@ if triton is not None:
             if (s + 4 >= first) & (s + 4 < last):
                 _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, 9, x_ptr), x_ptr, p, P,
                             HIDDEN, INTER, IP, DOWN_BIAS, BN)
-        # 6. the final RMSNorm + lm_head, each program's largest logit
+        # 6. the final RMSNorm + lm_head, each program's largest logit (its rows asked of
+        # L2 all at once before the barrier: it walks them one unit after another)
         s = LAYERS * 5
+        if PF_HEAD > 0:
+            _prefetch_units(head_ptr, VOCAB * HIDDEN, p, P, BV * HIDDEN, LINE, PF_HEAD)
         arrivals, limit = _sync_before(s, first, last, sync_ptr, arrivals, limit, P, SYNC)
         if (s >= first) & (s < last):
             _stage_head(x_ptr, normf_ptr, head_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
@@ -514,10 +530,17 @@ if triton is not None:
 
     _jitted_step = triton.jit(_one_row_step, do_not_specialize=["chunk", "splits", "first",
                                                                  "last"])
+    OTHER_KERNELS.append(_jitted_step)  # counted by triton_decode.compiled_variants
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _head_lines(vocab: int, hidden: int, bv: int, programs: int, line: int) -> int:
+    """Lines of the output embedding each program prefetches: all of its units' (a
+    power of two)."""
+    return _pow2(_cdiv(_cdiv(vocab, bv), programs) * _cdiv(bv * hidden, line))
 
 
 class OneRowStep:
@@ -607,7 +630,9 @@ class OneRowStep:
                    "PF_GU": 2 * self.inter * self.hidden, "PF_DOWN": self.hidden * self.inter}
             self.prefetch = {"LINE": line, **{name: _pow2(_cdiv(_cdiv(count, line),
                                                                 self.programs))
-                                              for name, count in per.items()}}
+                                              for name, count in per.items()},
+                             "PF_HEAD": _head_lines(self.vocab, self.hidden, self.bv,
+                                                    self.programs, line)}
 
     def attention_split(self, window: int) -> tuple[int, int]:
         """(positions a split, splits) for rows attending over at most `window` positions:
@@ -691,7 +716,8 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
         "SYNC": True,
         "LINE": line, "PF_QKV": share((heads + 2 * kv_heads) * head_dim * hidden),
         "PF_O": share(hidden * heads * head_dim), "PF_GU": share(2 * inter * hidden),
-        "PF_DOWN": share(hidden * inter)}
+        "PF_DOWN": share(hidden * inter),
+        "PF_HEAD": _head_lines(vocab, hidden, t["p_bv"], programs, line)}
     fn = _jitted_step
     # 16-byte aligned pointers and cache strides, as triton specializes a launch's
     aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
