@@ -45,6 +45,7 @@ from contextwise.backends.triton_decode import (
     OTHER_KERNELS,
     TritonLayers,
     _attention,
+    _begin,
     _kernels,
     _pow2,
     _prefetch_lines,
@@ -414,7 +415,8 @@ if triton is not None:
                       IEEE: tl.constexpr, SYNC: tl.constexpr, AHEAD: tl.constexpr = 0,
                       LINE: tl.constexpr = 64, PF_QKV: tl.constexpr = 0,
                       PF_O: tl.constexpr = 0, PF_GU: tl.constexpr = 0,
-                      PF_DOWN: tl.constexpr = 0, PF_HEAD: tl.constexpr = 0):
+                      PF_DOWN: tl.constexpr = 0, PF_HEAD: tl.constexpr = 0,
+                      PDL: tl.constexpr = False):
         """Grid (programs,): stages first..last-1 of the step (layer l's stage s is
         l * 5 + s; the head LAYERS * 5, the pick LAYERS * 5 + 1), a grid barrier between
         each two (SYNC; without it the caller launches one stage at a time). A program's
@@ -422,7 +424,9 @@ if triton is not None:
         with AHEAD one stage earlier, before that barrier (the next layer's q/k/v during
         the gate/up stage), so they arrive while the programs wait. PF_*: lines of each
         weight a program prefetches to L2 for the next layer, and of the output
-        embedding for the head (0: none)."""
+        embedding for the head (0: none). PDL (one stage a launch only): launched with
+        programmatic dependent launch, waiting for the launch before."""
+        _begin(PDL)
         p = tl.program_id(0)
         P = tl.num_programs(0)
         tok = tl.load(tok_ptr)
@@ -550,7 +554,8 @@ class OneRowStep:
     unit), p_bv (vocabulary rows a unit), p_splits (attention splits at most), p_ahead
     (each stage's first weights loaded a stage early, before the barrier), p_warps,
     p_programs (0: one per SM on CUDA, 1 elsewhere), p_staged (one launch a stage, no
-    barriers: what the interpreter can run with several programs)."""
+    barriers: what the interpreter can run with several programs; on a GPU the same
+    one-row stages as ~157 kernels chained with PDL, to compare)."""
 
     def __init__(self, layers: Any, fused: list[tuple], k: list[Any], v: list[Any],
                  embed: Any, norm_w: Any, head_w: Any, cos: Any, sin: Any, max_len: int,
@@ -598,6 +603,7 @@ class OneRowStep:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.programs = int(t.get("p_programs") or (sms if cuda else 1))
         self.staged = bool(t.get("p_staged", 0))
+        self.pdl = self.staged and layers.uses_pdl(self.device)
         self.bs = int(t.get("p_splits", 8))
         self.bh = min(int(t.get("p_bh", 8)), self.d // 2)
         self.bn, self.bng = int(t.get("p_bn", 8)), int(t.get("p_bn_mlp", 8))
@@ -663,9 +669,10 @@ class OneRowStep:
                       IEEE=self.dtype == torch.float32, num_warps=self.warps, **self.bias,
                       **self.prefetch)
         grid = (self.programs,)
-        if self.staged:
+        if self.staged:  # one launch a stage, chained with PDL where the GPU has it
+            chained = {"PDL": True, "launch_pdl": True} if self.pdl else {}
             for stage in range(last):
-                _jitted_step[grid](*args, stage, stage + 1, SYNC=False, **consts)
+                _jitted_step[grid](*args, stage, stage + 1, SYNC=False, **consts, **chained)
             return
         self.sync[:1].zero_()
         _jitted_step[grid](*args, 0, last, SYNC=True, **consts)
@@ -679,11 +686,13 @@ class OneRowStep:
 def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, heads: int = 9,
                     kv_heads: int = 3, head_dim: int = 64, inter: int = 1536,
                     vocab: int = 49152, layers: int = 30, programs: int = 132,
-                    tiles: dict[str, int] | None = None, bias: bool = False) -> dict[str, Any]:
+                    tiles: dict[str, int] | None = None, bias: bool = False,
+                    staged_pdl: bool = False) -> dict[str, Any]:
     """Compile the one-row step for CUDA compute capability `arch` without a GPU
     (Triton's bundled ptxas), SmolLM2-135M's shapes by default, with `OneRowStep`'s
-    tiles (the defaults of `TritonLayers.tiles`, then `tiles`): its cubin size, shared
-    memory, registers and spills a thread, and PTX. Raises if it does not lower."""
+    tiles (the defaults of `TritonLayers.tiles`, then `tiles`; staged_pdl: as the
+    staged launches chained with PDL, no barriers): its cubin size, shared memory,
+    registers and spills a thread, and PTX. Raises if it does not lower."""
     if triton is None:
         raise ValueError("triton is not installed")
     from triton.backends.compiler import GPUTarget
@@ -713,7 +722,7 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
         "QKV_BIAS": bias, "O_BIAS": bias, "GU_BIAS": bias, "DOWN_BIAS": bias,
         "BH": min(t["p_bh"], head_dim // 2), "BN": t["p_bn"], "BNG": t["p_bn_mlp"],
         "BV": t["p_bv"], "AHEAD": t["p_ahead"], "UPCAST": False, "IEEE": dtype == "fp32",
-        "SYNC": True,
+        "SYNC": not staged_pdl, "PDL": staged_pdl,
         "LINE": line, "PF_QKV": share((heads + 2 * kv_heads) * head_dim * hidden),
         "PF_O": share(hidden * heads * head_dim), "PF_GU": share(2 * inter * hidden),
         "PF_DOWN": share(hidden * inter),
@@ -725,8 +734,8 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
                if kind.startswith("*") or a in ("s_slot", "s_head", "s_pos")}
     src = ASTSource(fn=fn, signature={**signature, **{c: "constexpr" for c in constexprs}},
                     constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": t["p_warps"]})
+    options = {"num_warps": t["p_warps"], **({"launch_pdl": True} if staged_pdl else {})}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return {"cubin_bytes": len(compiled.asm["cubin"]), "shared_bytes": compiled.metadata.shared,
             **_registers(compiled.asm["ptx"], arch), "ptx": compiled.asm["ptx"]}
 

@@ -287,6 +287,7 @@ def tile_sweep(model: Any, prompt: list[int], n: int, new: int, out: dict[str, A
                 {"persistent": 1, "p_bv": 32}, {"persistent": 1, "p_warps": 4},
                 {"persistent": 1, "p_bn": 16, "p_bn_mlp": 16}, {"persistent": 1, "prefetch": 0},
                 {"persistent": 1, "p_ahead": 1, "p_bv": 32, "p_bn_mlp": 16},
+                {"persistent": 1, "p_staged": 1},
                 {"stages_small": 4}, {"attend_o": 256},
                 {"attend_o": 256, "early": 2, "stages_small": 4})),
             (n, "decoder_many_triton_sweep", ({}, {"early": 0}, {"early": 2}, {"stages": 4}))):

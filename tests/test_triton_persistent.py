@@ -123,7 +123,8 @@ def test_tiles_the_step_cannot_take_leave_the_layer_kernels_and_say_why() -> Non
 def test_the_one_row_step_compiles_for_an_h100() -> None:
     """Its grid barrier is cooperative groups' (one thread's release arrival and acquire
     polls), what other SMs wrote is read from L2, the weights through the pointer table
-    in 16-byte loads, the next layer's prefetched: for bf16 and float32, with biases."""
+    in 16-byte loads, the next layer's prefetched: for bf16 and float32, with biases;
+    and as stages launched one by one with PDL, no barrier."""
     from contextwise.backends.triton_persistent import compile_for_gpu
 
     if INTERPRETED:
@@ -136,6 +137,8 @@ def test_the_one_row_step_compiles_for_an_h100() -> None:
         assert ptx.count("ld.global.cg") >= 10
         assert ptx.count("ld.global.v4") >= 10  # vectorized weight loads
         assert ptx.count("prefetch.global.L2") >= 5  # the next layer's four, the head
+    staged = compile_for_gpu(90, "bf16", staged_pdl=True)["ptx"]  # stages as PDL launches
+    assert "griddepcontrol.wait" in staged and "atom.global" not in staged
 
 
 @pytest.mark.slow
