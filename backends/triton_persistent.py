@@ -144,30 +144,39 @@ if triton is not None:
     # row); at SmolLM2's shapes most programs have one unit a stage.
 
     @triton.jit
-    def _qkv_unit(w1, w2, h, u, b_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos, slot,
-                  s_slot, s_head, s_pos, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                  D: tl.constexpr, HAS_BIAS: tl.constexpr, BH: tl.constexpr):
-        """Unit u of q/k/v (w1, w2: its weight rows of both rotary halves): + bias,
-        rotary; queries to q, the key and value into the cache."""
+    def _qkv_inputs(u, b_ptr, cos_ptr, sin_ptr, pos, D: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BH: tl.constexpr):
+        """Unit u's bias and rotary table entries (bias1, bias2, cos1, cos2, sin1, sin2,
+        float32 [BH]; bias 0 without one): loads that don't wait for the products."""
+        HALF: tl.constexpr = D // 2
+        QS: tl.constexpr = HALF // BH
+        half = (u % QS) * BH + tl.arange(0, BH)
+        out1 = (u // QS) * D + half
+        at = pos * D + half
+        b1 = 0.0
+        b2 = 0.0
+        if HAS_BIAS:
+            b1 = tl.load(b_ptr + out1).to(tl.float32)
+            b2 = tl.load(b_ptr + out1 + HALF).to(tl.float32)
+        return (b1, b2, tl.load(cos_ptr + at).to(tl.float32),
+                tl.load(cos_ptr + at + HALF).to(tl.float32), tl.load(sin_ptr + at).to(tl.float32),
+                tl.load(sin_ptr + at + HALF).to(tl.float32))
+
+    @triton.jit
+    def _qkv_unit(w1, w2, h, ins, u, q_ptr, kc_ptr, vc_ptr, pos, slot, s_slot, s_head, s_pos,
+                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                  BH: tl.constexpr):
+        """Unit u of q/k/v (w1, w2: its weight rows of both rotary halves; ins:
+        `_qkv_inputs`): + bias, rotary; queries to q, the key and value into the cache."""
         HALF: tl.constexpr = D // 2
         QS: tl.constexpr = HALF // BH
         dt = q_ptr.dtype.element_ty
+        b1, b2, c1, c2, s1, s2 = ins
         head = u // QS
         half = (u % QS) * BH + tl.arange(0, BH)
-        out1 = head * D + half
-        y1 = _times(w1, h)
-        y2 = _times(w2, h)
-        if HAS_BIAS:
-            y1 += tl.load(b_ptr + out1).to(tl.float32)
-            y2 += tl.load(b_ptr + out1 + HALF).to(tl.float32)
-        y1 = y1.to(dt).to(tl.float32)  # the linear's output, rounded as transformers'
-        y2 = y2.to(dt).to(tl.float32)
+        y1 = (_times(w1, h) + b1).to(dt).to(tl.float32)  # rounded as transformers' output
+        y2 = (_times(w2, h) + b2).to(dt).to(tl.float32)
         if head < HEADS + KV_HEADS:  # queries and keys: rotary (rotate_half)
-            at = pos * D + half
-            c1 = tl.load(cos_ptr + at).to(tl.float32)
-            c2 = tl.load(cos_ptr + at + HALF).to(tl.float32)
-            s1 = tl.load(sin_ptr + at).to(tl.float32)
-            s2 = tl.load(sin_ptr + at + HALF).to(tl.float32)
             r1 = y1 * c1 - y2 * s1
             r2 = y2 * c2 + y1 * s2
         else:
@@ -205,17 +214,19 @@ if triton is not None:
         HALF: tl.constexpr = D // 2
         QS: tl.constexpr = HALF // BH
         units = (HEADS + 2 * KV_HEADS) * QS
+        ins = _qkv_inputs(tl.minimum(p, units - 1), b_ptr, cos_ptr, sin_ptr, pos, D, HAS_BIAS,
+                          BH)
         h = _normed_row(xin, nw_ptr, eps, HIDDEN, HP)
         if p < units:
-            _qkv_unit(w1, w2, h, p, b_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos, slot,
-                      s_slot, s_head, s_pos, HEADS, KV_HEADS, D, HAS_BIAS, BH)
+            _qkv_unit(w1, w2, h, ins, p, q_ptr, kc_ptr, vc_ptr, pos, slot, s_slot, s_head,
+                      s_pos, HEADS, KV_HEADS, D, BH)
         for u in range(p + P, units, P):
             out1 = (u // QS) * D + (u % QS) * BH + tl.arange(0, BH)
             every = out1 >= 0
             _qkv_unit(_rows(w_ptr, out1, every, HIDDEN, HP),
-                      _rows(w_ptr, out1 + HALF, every, HIDDEN, HP), h, u, b_ptr, cos_ptr,
-                      sin_ptr, q_ptr, kc_ptr, vc_ptr, pos, slot, s_slot, s_head, s_pos, HEADS,
-                      KV_HEADS, D, HAS_BIAS, BH)
+                      _rows(w_ptr, out1 + HALF, every, HIDDEN, HP), h,
+                      _qkv_inputs(u, b_ptr, cos_ptr, sin_ptr, pos, D, HAS_BIAS, BH), u, q_ptr,
+                      kc_ptr, vc_ptr, pos, slot, s_slot, s_head, s_pos, HEADS, KV_HEADS, D, BH)
 
     @triton.jit
     def _stage_attend(q_ptr, kc_ptr, vc_ptr, part_ptr, ml_ptr, end, slot, chunk, splits, scale,
@@ -245,14 +256,21 @@ if triton is not None:
             tl.store(ml_ptr + at * 2 + 1, l_sum, mask=gmask)
 
     @triton.jit
-    def _add_unit(y, cols, cm, b_ptr, xin, x_ptr, HAS_BIAS: tl.constexpr):
-        """x[cols] = xin[cols] + y (+ bias), y rounded as the linear's output is."""
-        dt = x_ptr.dtype.element_ty
+    def _add_inputs(cols, cm, b_ptr, xin, HAS_BIAS: tl.constexpr):
+        """The residual xin[cols] and the bias (0 without one), float32: loads that don't
+        wait for the products."""
+        b = 0.0
         if HAS_BIAS:
-            y += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-        y = y.to(dt).to(tl.float32)
-        x = tl.load(xin + cols, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
-        tl.store(x_ptr + cols, (x + y).to(dt), mask=cm)
+            b = tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+        return b, tl.load(xin + cols, mask=cm, other=0.0, cache_modifier=".cg").to(tl.float32)
+
+    @triton.jit
+    def _add_unit(y, ins, cols, cm, x_ptr):
+        """x[cols] = the residual + (y + bias) rounded as the linear's output is (ins:
+        `_add_inputs`)."""
+        dt = x_ptr.dtype.element_ty
+        b, x = ins
+        tl.store(x_ptr + cols, (x + (y + b).to(dt).to(tl.float32)).to(dt), mask=cm)
 
     @triton.jit
     def _cols_first(w_ptr, off, p, limit, N: tl.constexpr, K: tl.constexpr,
@@ -274,7 +292,8 @@ if triton is not None:
         dt = x_ptr.dtype.element_ty
         units = tl.cdiv(HIDDEN, BN)
         cols = p * BN + tl.arange(0, BN)
-        cm = cols < HIDDEN
+        cm = (cols < HIDDEN) & (p + 0 * cols < units)
+        ins = _add_inputs(cols, cm, b_ptr, xin, HAS_BIAS)
         hh = tl.arange(0, HH)
         sp = tl.arange(0, BS)
         d = tl.arange(0, D)
@@ -291,12 +310,12 @@ if triton is not None:
         o = tl.sum(part * wgt[:, :, None], axis=1) / den[:, None]  # [HH, D]
         a = tl.reshape(o.to(dt).to(tl.float32), (HH * D,))  # column h * D + d of o @ w.T
         if p < units:
-            _add_unit(_times(w, a), cols, cm, b_ptr, xin, x_ptr, HAS_BIAS)
+            _add_unit(_times(w, a), ins, cols, cm, x_ptr)
         for u in range(p + P, units, P):
             cols = u * BN + tl.arange(0, BN)
             cm = cols < HIDDEN
-            _add_unit(_times(_rows(w_ptr, cols, cm, HEADS * D, HH * D), a), cols, cm, b_ptr,
-                      xin, x_ptr, HAS_BIAS)
+            _add_unit(_times(_rows(w_ptr, cols, cm, HEADS * D, HH * D), a),
+                      _add_inputs(cols, cm, b_ptr, xin, HAS_BIAS), cols, cm, x_ptr)
 
     @triton.jit
     def _gate_up_unit(wg, wu, h, cols, cm, b_ptr, h_ptr, INTER: tl.constexpr,
@@ -340,16 +359,17 @@ if triton is not None:
         weights, `_cols_first`)."""
         units = tl.cdiv(HIDDEN, BN)
         cols = p * BN + tl.arange(0, BN)
-        cm = cols < HIDDEN
+        cm = (cols < HIDDEN) & (p + 0 * cols < units)
+        ins = _add_inputs(cols, cm, b_ptr, x_ptr, HAS_BIAS)
         k = tl.arange(0, IP)
         a = tl.load(h_ptr + k, mask=k < INTER, other=0.0, cache_modifier=".cg").to(tl.float32)
         if p < units:
-            _add_unit(_times(w, a), cols, cm, b_ptr, x_ptr, x_ptr, HAS_BIAS)
+            _add_unit(_times(w, a), ins, cols, cm, x_ptr)
         for u in range(p + P, units, P):
             cols = u * BN + tl.arange(0, BN)
             cm = cols < HIDDEN
-            _add_unit(_times(_rows(w_ptr, cols, cm, INTER, IP), a), cols, cm, b_ptr, x_ptr,
-                      x_ptr, HAS_BIAS)
+            _add_unit(_times(_rows(w_ptr, cols, cm, INTER, IP), a),
+                      _add_inputs(cols, cm, b_ptr, x_ptr, HAS_BIAS), cols, cm, x_ptr)
 
     @triton.jit
     def _stage_head(x_ptr, nw_ptr, w_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
