@@ -115,14 +115,18 @@ if triton is not None:
         return _dot(a, w, acc, UPCAST, IEEE)
 
     @triton.jit
+    def _to_l2(ptrs):
+        """Ask L2 for the lines at `ptrs` (no registers, no wait)."""
+        tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l", [ptrs],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _prefetch(w_ptr, rows, K, LINE: tl.constexpr, PF: tl.constexpr):
         """Ask L2 for rows `rows` of w [*, K], one prefetch per 128-byte line (LINE
         elements), PF lines a row at most: issued before the kernel waits for the one
         before it, so its weights stream in while that one still runs."""
         at = tl.minimum(tl.arange(0, PF) * LINE, K - 1)
-        ptrs = w_ptr + rows.to(tl.int64)[:, None] * K + at[None, :]
-        tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l", [ptrs],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        _to_l2(w_ptr + rows.to(tl.int64)[:, None] * K + at[None, :])
 
     @triton.jit
     def _begin(PDL: tl.constexpr):
@@ -289,11 +293,12 @@ if triton is not None:
     @triton.jit
     def _attention(q, kbase, vbase, lo, hi, s_pos, scale, D: tl.constexpr, BG: tl.constexpr,
                    BL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                   CM: tl.constexpr = ""):
+                   CM: tl.constexpr):
         """Online softmax of the queries q [BG, D] over the cached positions [lo, hi) of
         one kv head (keys at kbase, values at vbase, s_pos apart): (row maxima, sums of
         exponentials, unnormalized outputs [BG, D] in float32). CM: the cache loads'
-        cache modifier (".cg": from L2, for a kernel that reads what other SMs wrote)."""
+        cache modifier ("": the default; ".cg": from L2, for a kernel that reads what
+        other SMs wrote. Passed, never defaulted: triton 3.6 takes no str default.)"""
         d = tl.arange(0, D)
         dt = q.dtype
         m = tl.full((BG,), float("-inf"), dtype=tl.float32)
@@ -344,7 +349,7 @@ if triton is not None:
         slot = tl.load(slot_ptr + row).to(tl.int64)
         at = slot * s_slot + kvh * s_head  # a big cache passes 2**31 elements
         m, l_sum, acc = _attention(q, kc_ptr + at, vc_ptr + at, lo, hi, s_pos, scale, D, BG,
-                                   BL, UPCAST, IEEE)
+                                   BL, UPCAST, IEEE, "")
         if not SPLIT:
             tl.store(o_ptr + row * (HEADS * D) + qh[:, None] * D + d[None, :],
                      (acc / l_sum[:, None]).to(dt), mask=gmask[:, None])
@@ -405,7 +410,7 @@ if triton is not None:
             q = tl.load(q_ptr + qh[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0)
             at = slot * s_slot + kvh * s_head
             _, l_sum, o = _attention(q, kc_ptr + at, vc_ptr + at, 0, end, s_pos, scale, D,
-                                     BG, BL, UPCAST, IEEE)
+                                     BG, BL, UPCAST, IEEE, "")
             o = (o / l_sum[:, None]).to(dt)  # [BG, D]: this kv head's query heads
             for j in tl.static_range(GROUP):  # head kvh * GROUP + j: columns of w
                 w = tl.load(w_ptr + cols[None, :] * K + (kvh * GROUP + j) * D + d[:, None],

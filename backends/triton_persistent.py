@@ -28,9 +28,11 @@ activation dtype, float32 attention and accumulation.
 
 All programs must be resident at once: one per SM, which a launch always gets while
 no other kernel holds SMs for ever. A barrier that waits too long gives up and
-raises a flag (`OneRowStep.healthy`), so a misfit surfaces as a failed warm-up
-check instead of a hung GPU. Loads of what other programs wrote in this launch go
-to L2 (".cg"): an SM's L1 is not coherent within a kernel.
+raises a flag (`OneRowStep.healthy`; StaticDecoder checks it after warm-up and with
+every launched chunk's tokens, which then raise), so a misfit surfaces as an error
+and the layer kernels, not as a hung GPU or garbage tokens. Loads of what other
+programs wrote in this launch go to L2 (".cg"): an SM's L1 is not coherent within a
+kernel.
 
 On a CPU the interpreter runs programs one after another, so a barrier can't be
 met by more than one: tests run the step as one program, and (`staged`) each stage
@@ -49,22 +51,23 @@ from contextwise.backends.triton_decode import (
     _kernels,
     _pow2,
     _prefetch_lines,
+    _to_l2,
     available,
     tl,
     triton,
 )
 
-__all__ = ["OneRowStep"]
+__all__ = ["OneRowStep", "compile_for_gpu"]
 
 _STAGES = 5  # stages a layer
 
-# Entries of a layer's row in the pointer table.
+# Entries of a layer's row in the pointer table (the kernel indexes them by position).
 _TABLE = ("norm1", "qkv_w", "qkv_b", "o_w", "o_b", "norm2", "gu_w", "gu_b", "down_w",
           "down_b", "k", "v")
 
 if triton is not None:
     _ENTRIES = tl.constexpr(len(_TABLE))
-    _SPIN_LIMIT = tl.constexpr(1 << 20)  # polls of a barrier before it gives up (~0.5 s)
+    _SPIN_LIMIT = tl.constexpr(1 << 20)  # polls (L2 round trips) before a barrier gives up
 
     @triton.jit
     def _grid_sync(sync_ptr, target, limit, SYNC: tl.constexpr):
@@ -96,23 +99,15 @@ if triton is not None:
         return tl.multiple_of(address.to(tl.pointer_type(like.dtype.element_ty)), 16)
 
     @triton.jit
-    def _prefetch_share(ptr, count, p, P, LINE: tl.constexpr, PER: tl.constexpr):
-        """Ask L2 for this program's share of `count` elements at ptr: lines p, p + P, ...
-        (LINE elements a line, PER lines at most; the clamp repeats the last line)."""
-        at = tl.minimum((p + P * tl.arange(0, PER)) * LINE, count - 1)
-        tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l",
-                                  [ptr + at], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _prefetch_units(ptr, count, p, P, UNIT: tl.constexpr, LINE: tl.constexpr,
                         PER: tl.constexpr):
         """Ask L2 for this program's units of UNIT contiguous elements at ptr (units p,
-        p + P, ...; `count` elements in all): PER lines at most, in the order it reads them."""
+        p + P, ...; `count` elements in all; a unit of one line: its share of a matrix):
+        PER lines at most, in the order it reads them (the clamp repeats the last)."""
         LINES: tl.constexpr = (UNIT + LINE - 1) // LINE
         i = tl.arange(0, PER)
-        at = tl.minimum((p + P * (i // LINES)) * UNIT + (i % LINES) * LINE, count - 1)
-        tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l",
-                                  [ptr + at], dtype=tl.int32, is_pure=False, pack=1)
+        at = (p + P * (i // LINES)) * UNIT + (i % LINES) * LINE
+        _to_l2(ptr + tl.minimum(at, count - 1))
 
     @triton.jit
     def _normed_row(x_ptr, nw_ptr, eps, HIDDEN: tl.constexpr, HP: tl.constexpr):
@@ -474,14 +469,16 @@ if triton is not None:
             # 1. RMSNorm + q/k/v + rotary + cache write
             arrivals, limit = _sync_before(s, first, last, sync_ptr, arrivals, limit, P, SYNC)
             if PF_QKV > 0:  # the next layer's weights to L2, a share each program
-                if layer + 1 < LAYERS:
-                    _prefetch_share(_at(table_ptr, layer + 1, 1, x_ptr),
-                                    (HEADS + 2 * KV_HEADS) * D * HIDDEN, p, P, LINE, PF_QKV)
-                    _prefetch_share(_at(table_ptr, layer + 1, 3, x_ptr), HIDDEN * KO, p, P,
+                if layer + 1 < LAYERS:  # (a unit of one line: a share of the matrix)
+                    nxt = layer + 1
+                    _prefetch_units(_at(table_ptr, nxt, 1, x_ptr),
+                                    (HEADS + 2 * KV_HEADS) * D * HIDDEN, p, P, LINE, LINE,
+                                    PF_QKV)
+                    _prefetch_units(_at(table_ptr, nxt, 3, x_ptr), HIDDEN * KO, p, P, LINE,
                                     LINE, PF_O)
-                    _prefetch_share(_at(table_ptr, layer + 1, 6, x_ptr), 2 * INTER * HIDDEN,
-                                    p, P, LINE, PF_GU)
-                    _prefetch_share(_at(table_ptr, layer + 1, 8, x_ptr), HIDDEN * INTER, p, P,
+                    _prefetch_units(_at(table_ptr, nxt, 6, x_ptr), 2 * INTER * HIDDEN, p, P,
+                                    LINE, LINE, PF_GU)
+                    _prefetch_units(_at(table_ptr, nxt, 8, x_ptr), HIDDEN * INTER, p, P, LINE,
                                     LINE, PF_DOWN)
             if not AHEAD:
                 wq1, wq2 = _qkv_first(_at(table_ptr, layer, 1, x_ptr), p, Q_UNITS, HIDDEN, HP,
