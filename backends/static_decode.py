@@ -27,12 +27,13 @@ TRITON_PREFILL_MAX tokens, one prompt of up to PREFILL_GRAPH_MAX tokens as a
 graph replay, and lays the cache out position-major, each position's slots
 together, so a step's reads and writes share few memory pages; greedy launches
 there pick the next token with two more kernels, final norm + lm_head + argmax,
-without a logits tensor); quantized linears keep the module path, so they
-behave as in transformers. Only the attention over the static cache and the
-cache writes are written here. Each slot has its own position, so sequences of
-different lengths decode together and a finished slot takes a new sequence
-while the others go on (continuous batching; `backends/continuous.py`
-schedules it).
+without a logits tensor; with the tile `persistent`, a one-row greedy step is one
+persistent kernel, backends/triton_persistent.py); quantized linears keep the
+module path, so they behave as in transformers. Only the attention over the
+static cache and the cache writes are written here. Each slot has its own
+position, so sequences of different lengths decode together and a finished slot
+takes a new sequence while the others go on (continuous batching;
+`backends/continuous.py` schedules it).
 
 A decode step over `n` slots attends over the first `L` cache positions with
 a per-slot mask (`position <= pos`): graphs are captured lazily per (n, L)
