@@ -17,8 +17,8 @@ token, its position moved on, the EOS ban counted down. Layer 0 reads its input
 straight from the embedding. Each program asks L2 for its share of the next layer's
 weights a layer ahead, so a stage's weight loads hit L2; it loads its first unit's
 weights of a stage before the activations they multiply (one round trip, not two),
-or with the tile p_ahead a stage early, before the barrier, so they arrive while it
-waits there.
+or with the tile p_ahead earlier: between its arrival at the stage's barrier and its
+wait there (2), or a stage early (1), so they arrive while it waits.
 
 One row needs no tensor cores: a program's output columns are the row times those
 weight rows over the whole reduction at once (every load of a stage in one memory
@@ -70,16 +70,22 @@ if triton is not None:
     _SPIN_LIMIT = tl.constexpr(1 << 20)  # polls (L2 round trips) before a barrier gives up
 
     @triton.jit
-    def _grid_sync(sync_ptr, target, limit, SYNC: tl.constexpr):
-        """Wait until the counter at sync_ptr reaches `target` arrivals, this program's
-        included: the CTA's stores, then one release arrival, then acquire polls (one
-        thread; its view shared through the CTA barrier), as cooperative groups' grid
-        sync does. Past `limit` polls it sets the flag at sync_ptr + 1 and goes on; the
-        limit for the next barrier (0 after a timeout: the step is void, so later
-        barriers don't each wait it out)."""
+    def _arrive(sync_ptr, SYNC: tl.constexpr):
+        """This program's arrival at a grid barrier: the CTA's stores, then one release
+        increment of the counter at sync_ptr (cooperative groups' grid sync, split in
+        two so loads that don't depend on the barrier can go out before the wait)."""
         if SYNC:
             tl.debug_barrier()
-            seen = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu") + 1
+            tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+
+    @triton.jit
+    def _wait(sync_ptr, target, limit, SYNC: tl.constexpr):
+        """Poll the counter (one thread, acquire; its view shared through the CTA
+        barrier) until it reaches `target` arrivals. Past `limit` polls it sets the flag
+        at sync_ptr + 1 and goes on; returns the limit for the next barrier (0 after a
+        timeout: the step is void, so later barriers don't each wait it out)."""
+        if SYNC:
+            seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
             spins = 0
             while (seen < target) & (spins < limit):
                 seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
@@ -407,13 +413,21 @@ if triton is not None:
         tl.store(ban_ptr, tl.load(ban_ptr) - 1)
 
     @triton.jit
-    def _sync_before(s, first, last, sync_ptr, arrivals, limit, P, SYNC: tl.constexpr):
-        """The grid barrier before stage s when this launch runs it and one before it:
-        (arrivals so far, the next barrier's poll limit)."""
+    def _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC: tl.constexpr):
+        """The arrival at the grid barrier before stage s, when this launch runs it and
+        one before it: the arrivals that barrier waits for."""
         if (s > first) & (s < last):
             arrivals += P
-            limit = _grid_sync(sync_ptr, arrivals, limit, SYNC)
-        return arrivals, limit
+            _arrive(sync_ptr, SYNC)
+        return arrivals
+
+    @triton.jit
+    def _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC: tl.constexpr):
+        """The wait at the grid barrier before stage s (see `_arrive_before`): the next
+        barrier's poll limit."""
+        if (s > first) & (s < last):
+            limit = _wait(sync_ptr, arrivals, limit, SYNC)
+        return limit
 
     def _one_row_step(tok_ptr, pos_ptr, ban_ptr, out_ptr, slot_ptr, embed_ptr, table_ptr,
                       cos_ptr, sin_ptr, normf_ptr, head_ptr, x_ptr, q_ptr, part_ptr, ml_ptr,
@@ -435,11 +449,13 @@ if triton is not None:
         """Grid (programs,): stages first..last-1 of the step (layer l's stage s is
         l * 5 + s; the head LAYERS * 5, the pick LAYERS * 5 + 1), a grid barrier between
         each two (SYNC; without it the caller launches one stage at a time). A program's
-        first unit's weights of a stage are loaded right after the barrier before it, or
-        with AHEAD one stage earlier, before that barrier (the next layer's q/k/v during
-        the gate/up stage), so they arrive while the programs wait. PF_*: lines of each
-        weight a program prefetches to L2 for the next layer, and of the output
-        embedding for the head (0: none). PDL (one stage a launch only): launched with
+        first unit's weights of a stage are loaded right after the barrier before it
+        (AHEAD 0); one stage earlier (1: the next layer's q/k/v during the gate/up
+        stage, held in registers across it); or between its arrival at that barrier and
+        its wait (2), so they arrive while it waits and the arrival's release does not
+        wait for them. PF_*: lines of each weight a program prefetches to L2 for the
+        next layer, and of the output embedding for the head (0: none), between its
+        arrival and its wait. PDL (one stage a launch only): launched with
         programmatic dependent launch, waiting for the launch before."""
         _begin(PDL)
         p = tl.program_id(0)
@@ -457,7 +473,7 @@ if triton is not None:
         limit = tl.full((), _SPIN_LIMIT, tl.int32)
         start = tl.minimum(first // 5, LAYERS)
         wq1, wq2 = _qkv_first(_at(table_ptr, tl.minimum(start, LAYERS - 1), 1, x_ptr), p,
-                              Q_UNITS * AHEAD * (start < LAYERS), HIDDEN, HP, D, BH)
+                              Q_UNITS * (AHEAD == 1) * (start < LAYERS), HIDDEN, HP, D, BH)
         for layer in range(start, tl.minimum(LAYERS, (last + 4) // 5)):
             s = layer * 5
             if layer == 0:  # the embedding row is the first layer's input
@@ -467,7 +483,7 @@ if triton is not None:
             kc = _at(table_ptr, layer, 10, x_ptr)
             vc = _at(table_ptr, layer, 11, x_ptr)
             # 1. RMSNorm + q/k/v + rotary + cache write
-            arrivals, limit = _sync_before(s, first, last, sync_ptr, arrivals, limit, P, SYNC)
+            arrivals = _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC)
             if PF_QKV > 0:  # the next layer's weights to L2, a share each program
                 if layer + 1 < LAYERS:  # (a unit of one line: a share of the matrix)
                     nxt = layer + 1
@@ -480,72 +496,87 @@ if triton is not None:
                                     LINE, LINE, PF_GU)
                     _prefetch_units(_at(table_ptr, nxt, 8, x_ptr), HIDDEN * INTER, p, P, LINE,
                                     LINE, PF_DOWN)
-            if not AHEAD:
+            if AHEAD == 0:
+                limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC)
+            if AHEAD != 1:
                 wq1, wq2 = _qkv_first(_at(table_ptr, layer, 1, x_ptr), p, Q_UNITS, HIDDEN, HP,
                                       D, BH)
+            if AHEAD != 0:
+                limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC)
             if (s >= first) & (s < last):
                 _stage_qkv(wq1, wq2, xin, _at(table_ptr, layer, 0, x_ptr),
                            _at(table_ptr, layer, 1, x_ptr), _at(table_ptr, layer, 2, x_ptr),
                            cos_ptr, sin_ptr, q_ptr, kc, vc, pos, slot, eps, s_slot, s_head,
                            s_pos, p, P, HIDDEN, HP, HEADS, KV_HEADS, D, QKV_BIAS, BH)
             o_w = _at(table_ptr, layer, 3, x_ptr)
-            if AHEAD:
+            if AHEAD == 1:
                 wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
-            # 2. attention, split along the positions
-            arrivals, limit = _sync_before(s + 1, first, last, sync_ptr, arrivals, limit, P,
-                                           SYNC)
+            # 2. attention, split along the positions (no weights)
+            arrivals = _arrive_before(s + 1, first, last, sync_ptr, arrivals, P, SYNC)
+            limit = _wait_before(s + 1, first, last, sync_ptr, arrivals, limit, SYNC)
             if (s + 1 >= first) & (s + 1 < last):
                 _stage_attend(q_ptr, kc, vc, part_ptr, ml_ptr, pos + 1, slot, chunk, splits,
                               scale, s_slot, s_head, s_pos, p, P, KV_HEADS, D, GROUP, BG, BL,
                               BS, UPCAST, IEEE)
             gu_w = _at(table_ptr, layer, 6, x_ptr)
-            if AHEAD:
+            if AHEAD == 1:
                 wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
                 wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
             # 3. the splits combined + o projection + residual
-            arrivals, limit = _sync_before(s + 2, first, last, sync_ptr, arrivals, limit, P,
-                                           SYNC)
-            if not AHEAD:
+            arrivals = _arrive_before(s + 2, first, last, sync_ptr, arrivals, P, SYNC)
+            if AHEAD == 0:
+                limit = _wait_before(s + 2, first, last, sync_ptr, arrivals, limit, SYNC)
+            if AHEAD != 1:
                 wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
+            if AHEAD != 0:
+                limit = _wait_before(s + 2, first, last, sync_ptr, arrivals, limit, SYNC)
             if (s + 2 >= first) & (s + 2 < last):
                 _stage_o(wo, part_ptr, ml_ptr, o_w, _at(table_ptr, layer, 4, x_ptr), xin, x_ptr,
                          splits, p, P, HIDDEN, HEADS, HH, D, BS, O_BIAS, BN)
             down_w = _at(table_ptr, layer, 8, x_ptr)
-            if AHEAD:
+            if AHEAD == 1:
                 wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
             # 4. RMSNorm + gate/up + SiLU(gate) * up
-            arrivals, limit = _sync_before(s + 3, first, last, sync_ptr, arrivals, limit, P,
-                                           SYNC)
-            if not AHEAD:
+            arrivals = _arrive_before(s + 3, first, last, sync_ptr, arrivals, P, SYNC)
+            if AHEAD == 0:
+                limit = _wait_before(s + 3, first, last, sync_ptr, arrivals, limit, SYNC)
+            if AHEAD != 1:
                 wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
                 wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+            if AHEAD != 0:
+                limit = _wait_before(s + 3, first, last, sync_ptr, arrivals, limit, SYNC)
             if (s + 3 >= first) & (s + 3 < last):
                 _stage_gate_up(wg, wu, x_ptr, _at(table_ptr, layer, 5, x_ptr), gu_w,
                                _at(table_ptr, layer, 7, x_ptr), h_ptr, eps, p, P, HIDDEN, HP,
                                INTER, GU_BIAS, BNG)
-            if AHEAD:  # the next layer's first q/k/v unit
+            if AHEAD == 1:  # the next layer's first q/k/v unit
                 nxt = tl.minimum(layer + 1, LAYERS - 1)
                 wq1, wq2 = _qkv_first(_at(table_ptr, nxt, 1, x_ptr), p,
                                       Q_UNITS * (layer + 1 < LAYERS), HIDDEN, HP, D, BH)
             # 5. down projection + residual
-            arrivals, limit = _sync_before(s + 4, first, last, sync_ptr, arrivals, limit, P,
-                                           SYNC)
-            if not AHEAD:
+            arrivals = _arrive_before(s + 4, first, last, sync_ptr, arrivals, P, SYNC)
+            if AHEAD == 0:
+                limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC)
+            if AHEAD != 1:
                 wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
+            if AHEAD != 0:
+                limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC)
             if (s + 4 >= first) & (s + 4 < last):
                 _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, 9, x_ptr), x_ptr, p, P,
                             HIDDEN, INTER, IP, DOWN_BIAS, BN)
         # 6. the final RMSNorm + lm_head, each program's largest logit (its rows asked of
-        # L2 all at once before the barrier: it walks them one unit after another)
+        # L2 all at once at the barrier: it walks them one unit after another)
         s = LAYERS * 5
+        arrivals = _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC)
         if PF_HEAD > 0:
             _prefetch_units(head_ptr, VOCAB * HIDDEN, p, P, BV * HIDDEN, LINE, PF_HEAD)
-        arrivals, limit = _sync_before(s, first, last, sync_ptr, arrivals, limit, P, SYNC)
+        limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC)
         if (s >= first) & (s < last):
             _stage_head(x_ptr, normf_ptr, head_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
                         HIDDEN, HP, VOCAB, BV)
         # 7. the pick
-        arrivals, limit = _sync_before(s + 1, first, last, sync_ptr, arrivals, limit, P, SYNC)
+        arrivals = _arrive_before(s + 1, first, last, sync_ptr, arrivals, P, SYNC)
+        limit = _wait_before(s + 1, first, last, sync_ptr, arrivals, limit, SYNC)
         if (s + 1 >= first) & (s + 1 < last) & (p == 0):
             _stage_pick(best_ptr, bidx_ptr, out_ptr, tok_ptr, pos_ptr, ban_ptr, P, VOCAB, BP)
 
@@ -569,7 +600,8 @@ class OneRowStep:
     cache. Tiles (from `TritonLayers.tiles`): p_bh (q/k/v columns a unit, per rotary
     half), p_bn (o and down projection columns a unit), p_bn_mlp (gate/up columns a
     unit), p_bv (vocabulary rows a unit), p_splits (attention splits at most), p_ahead
-    (each stage's first weights loaded a stage early, before the barrier), p_warps,
+    (each stage's first weights loaded 0: after its barrier, 1: a stage early, 2:
+    between the arrival at its barrier and the wait), p_warps,
     p_programs (0: one per SM on CUDA, 1 elsewhere), p_staged (one launch a stage, no
     barriers: what the interpreter can run with several programs; on a GPU the same
     one-row stages as ~157 kernels chained with PDL, to compare)."""
@@ -625,7 +657,9 @@ class OneRowStep:
         self.bh = min(int(t.get("p_bh", 8)), self.d // 2)
         self.bn, self.bng = int(t.get("p_bn", 8)), int(t.get("p_bn_mlp", 8))
         self.bv, self.warps = int(t.get("p_bv", 16)), int(t.get("p_warps", 8))
-        self.ahead = int(bool(t.get("p_ahead", 0)))
+        self.ahead = int(t.get("p_ahead", 0))
+        if self.ahead not in (0, 1, 2):
+            raise ValueError(f"tile p_ahead must be 0, 1 or 2, got {self.ahead}")
         for name, value in (("p_splits", self.bs), ("p_bh", self.bh), ("p_bn", self.bn),
                             ("p_bn_mlp", self.bng), ("p_bv", self.bv)):
             if value < 1 or value & (value - 1):

@@ -285,9 +285,10 @@ def tile_sweep(model: Any, prompt: list[int], new: int, out: dict[str, Any],
     for rows, key, variants in (
             (1, "decoder_bs1_triton_sweep", (
                 {}, {"persistent": 1}, {"persistent": 1, "p_ahead": 1},
+                {"persistent": 1, "p_ahead": 2},
                 {"persistent": 1, "p_bv": 32}, {"persistent": 1, "p_warps": 4},
                 {"persistent": 1, "p_bn": 16, "p_bn_mlp": 16}, {"persistent": 1, "prefetch": 0},
-                {"persistent": 1, "p_ahead": 1, "p_bv": 32, "p_bn_mlp": 16},
+                {"persistent": 1, "p_ahead": 2, "p_bv": 32, "p_bn_mlp": 16},
                 {"persistent": 1, "p_staged": 1},
                 {"stages_small": 4}, {"attend_o": 256},
                 {"attend_o": 256, "early": 2, "stages_small": 4})),):
