@@ -893,8 +893,9 @@ class StaticDecoder:
         assert self.triton is not None
         why = f"{type(error).__name__}: {str(error)[:200]}"
         if self.triton.tiles["persistent"]:
-            self._persistent_off(why)
-        elif self.triton.uses_pdl(self.device):
+            self._persistent_off(why)  # (drops the graphs itself)
+            return
+        if self.triton.uses_pdl(self.device):
             self.triton.tiles["pdl"] = 0
             self.stats["kernels_note"] = f"triton kernels without PDL since: {why}"
         else:

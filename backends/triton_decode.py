@@ -821,10 +821,6 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
     Raises if a kernel does not lower."""
     if triton is None:
         raise ValueError("triton is not installed")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a 3.9 notice only
     p, f, i = f"*{dtype}", "*fp32", "*i64"
     group = heads // kv_heads
     flags = {"UPCAST": False, "IEEE": dtype == "fp32"}
@@ -884,23 +880,32 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
     kernels = _jitted()
     out = {}
     for name, (signature, constexprs) in jobs.items():
-        fn = kernels[name]
-        sig = {**signature, **{c: "constexpr" for c in constexprs}}
-        # pointers 16-byte aligned and cache strides multiples of 16, as triton
-        # specializes a launch on such arguments (without it no load is vectorized and
-        # no loop pipelined: not the code a GPU runs)
-        aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
-                   for a, kind in signature.items()
-                   if kind.startswith("*") or a in ("s_slot", "s_head", "s_pos", "chunk")}
-        src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=aligned)
         options = ({"num_warps": warps, "num_stages": stages}
                    if name in ("norm_qkv_rope", "matmul_add", "norm_gate_up", "head_argmax",
                                "attend_o")
                    else {})
         if pdl:
             options["launch_pdl"] = True
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options=options or None)
+        compiled = compile_offline(kernels[name], signature, constexprs, arch, options,
+                                   aligned=("s_slot", "s_head", "s_pos", "chunk"))
         out[name] = {"cubin_bytes": len(compiled.asm["cubin"]),
                      "shared_bytes": compiled.metadata.shared, "ptx": compiled.asm["ptx"]}
     return out
+
+
+def compile_offline(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], arch: int,
+                    options: dict[str, Any], aligned: tuple[str, ...] = ()) -> Any:
+    """`fn` compiled for CUDA compute capability `arch` with no GPU present (Triton's
+    bundled ptxas): `signature` the run-time arguments' types, `constexprs` the rest.
+    Pointers and the integers named in `aligned` are taken as multiples of 16, as
+    triton specializes a launch on such arguments (without it no load is vectorized
+    and no loop pipelined: not the code a GPU runs)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a 3.9 notice only
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+             for a, kind in signature.items() if kind.startswith("*") or a in aligned}
+    src = ASTSource(fn=fn, signature={**signature, **{c: "constexpr" for c in constexprs}},
+                    constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options or None)

@@ -39,20 +39,19 @@ met by more than one: tests run the step as one program, and (`staged`) each sta
 as its own launch of several programs, kernel boundaries standing in for barriers.
 """
 
-import os
 from typing import Any
 
 from contextwise.backends.triton_decode import (
     _BL,
+    DEFAULT_TILES,
     OTHER_KERNELS,
-    TritonLayers,
     _attention,
     _begin,
     _kernels,
     _pow2,
-    _prefetch_lines,
     _to_l2,
     available,
+    compile_offline,
     tl,
     triton,
 )
@@ -61,12 +60,15 @@ __all__ = ["OneRowStep", "compile_for_gpu"]
 
 _STAGES = 5  # stages a layer
 
-# Entries of a layer's row in the pointer table (the kernel indexes them by position).
+# Entries of a layer's row in the pointer table: a fused layer's ten tensors
+# (static_decode._fuse_layers' order), then its key and value caches.
 _TABLE = ("norm1", "qkv_w", "qkv_b", "o_w", "o_b", "norm2", "gu_w", "gu_b", "down_w",
           "down_b", "k", "v")
 
 if triton is not None:
     _ENTRIES = tl.constexpr(len(_TABLE))
+    (_NORM1, _QKV_W, _QKV_B, _O_W, _O_B, _NORM2, _GU_W, _GU_B, _DOWN_W, _DOWN_B, _K,
+     _V) = (tl.constexpr(i) for i in range(len(_TABLE)))
     _SPIN_LIMIT = tl.constexpr(1 << 20)  # polls (L2 round trips) before a barrier gives up
 
     @triton.jit
@@ -472,43 +474,45 @@ if triton is not None:
         arrivals = p * 0
         limit = tl.full((), _SPIN_LIMIT, tl.int32)
         start = tl.minimum(first // 5, LAYERS)
-        wq1, wq2 = _qkv_first(_at(table_ptr, tl.minimum(start, LAYERS - 1), 1, x_ptr), p,
-                              Q_UNITS * (AHEAD == 1) * (start < LAYERS), HIDDEN, HP, D, BH)
+        wq1, wq2 = _qkv_first(_at(table_ptr, tl.minimum(start, LAYERS - 1), _QKV_W, x_ptr),
+                              p, Q_UNITS * (AHEAD == 1) * (start < LAYERS), HIDDEN, HP, D, BH)
         for layer in range(start, tl.minimum(LAYERS, (last + 4) // 5)):
             s = layer * 5
             if layer == 0:  # the embedding row is the first layer's input
                 xin = embed_ptr + tok * HIDDEN
             else:
                 xin = x_ptr
-            kc = _at(table_ptr, layer, 10, x_ptr)
-            vc = _at(table_ptr, layer, 11, x_ptr)
+            kc = _at(table_ptr, layer, _K, x_ptr)
+            vc = _at(table_ptr, layer, _V, x_ptr)
+            qkv_w = _at(table_ptr, layer, _QKV_W, x_ptr)
+            o_w = _at(table_ptr, layer, _O_W, x_ptr)
+            gu_w = _at(table_ptr, layer, _GU_W, x_ptr)
+            down_w = _at(table_ptr, layer, _DOWN_W, x_ptr)
             # 1. RMSNorm + q/k/v + rotary + cache write
             arrivals = _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC)
             if PF_QKV > 0:  # the next layer's weights to L2, a share each program
                 if layer + 1 < LAYERS:  # (a unit of one line: a share of the matrix)
                     nxt = layer + 1
-                    _prefetch_units(_at(table_ptr, nxt, 1, x_ptr),
+                    _prefetch_units(_at(table_ptr, nxt, _QKV_W, x_ptr),
                                     (HEADS + 2 * KV_HEADS) * D * HIDDEN, p, P, LINE, LINE,
                                     PF_QKV)
-                    _prefetch_units(_at(table_ptr, nxt, 3, x_ptr), HIDDEN * KO, p, P, LINE,
-                                    LINE, PF_O)
-                    _prefetch_units(_at(table_ptr, nxt, 6, x_ptr), 2 * INTER * HIDDEN, p, P,
-                                    LINE, LINE, PF_GU)
-                    _prefetch_units(_at(table_ptr, nxt, 8, x_ptr), HIDDEN * INTER, p, P, LINE,
-                                    LINE, PF_DOWN)
+                    _prefetch_units(_at(table_ptr, nxt, _O_W, x_ptr), HIDDEN * KO, p, P,
+                                    LINE, LINE, PF_O)
+                    _prefetch_units(_at(table_ptr, nxt, _GU_W, x_ptr), 2 * INTER * HIDDEN,
+                                    p, P, LINE, LINE, PF_GU)
+                    _prefetch_units(_at(table_ptr, nxt, _DOWN_W, x_ptr), HIDDEN * INTER, p,
+                                    P, LINE, LINE, PF_DOWN)
             if AHEAD == 0:
                 limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC)
             if AHEAD != 1:
-                wq1, wq2 = _qkv_first(_at(table_ptr, layer, 1, x_ptr), p, Q_UNITS, HIDDEN, HP,
-                                      D, BH)
+                wq1, wq2 = _qkv_first(qkv_w, p, Q_UNITS, HIDDEN, HP, D, BH)
             if AHEAD != 0:
                 limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC)
             if (s >= first) & (s < last):
-                _stage_qkv(wq1, wq2, xin, _at(table_ptr, layer, 0, x_ptr),
-                           _at(table_ptr, layer, 1, x_ptr), _at(table_ptr, layer, 2, x_ptr),
-                           cos_ptr, sin_ptr, q_ptr, kc, vc, pos, slot, eps, s_slot, s_head,
-                           s_pos, p, P, HIDDEN, HP, HEADS, KV_HEADS, D, QKV_BIAS, BH)
-            o_w = _at(table_ptr, layer, 3, x_ptr)
+                _stage_qkv(wq1, wq2, xin, _at(table_ptr, layer, _NORM1, x_ptr), qkv_w,
+                           _at(table_ptr, layer, _QKV_B, x_ptr), cos_ptr, sin_ptr, q_ptr, kc,
+                           vc, pos, slot, eps, s_slot, s_head, s_pos, p, P, HIDDEN, HP, HEADS,
+                           KV_HEADS, D, QKV_BIAS, BH)
             if AHEAD == 1:
                 wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
             # 2. attention, split along the positions (no weights)
@@ -518,7 +522,6 @@ if triton is not None:
                 _stage_attend(q_ptr, kc, vc, part_ptr, ml_ptr, pos + 1, slot, chunk, splits,
                               scale, s_slot, s_head, s_pos, p, P, KV_HEADS, D, GROUP, BG, BL,
                               BS, UPCAST, IEEE)
-            gu_w = _at(table_ptr, layer, 6, x_ptr)
             if AHEAD == 1:
                 wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
                 wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
@@ -531,9 +534,8 @@ if triton is not None:
             if AHEAD != 0:
                 limit = _wait_before(s + 2, first, last, sync_ptr, arrivals, limit, SYNC)
             if (s + 2 >= first) & (s + 2 < last):
-                _stage_o(wo, part_ptr, ml_ptr, o_w, _at(table_ptr, layer, 4, x_ptr), xin, x_ptr,
-                         splits, p, P, HIDDEN, HEADS, HH, D, BS, O_BIAS, BN)
-            down_w = _at(table_ptr, layer, 8, x_ptr)
+                _stage_o(wo, part_ptr, ml_ptr, o_w, _at(table_ptr, layer, _O_B, x_ptr), xin,
+                         x_ptr, splits, p, P, HIDDEN, HEADS, HH, D, BS, O_BIAS, BN)
             if AHEAD == 1:
                 wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
             # 4. RMSNorm + gate/up + SiLU(gate) * up
@@ -546,12 +548,12 @@ if triton is not None:
             if AHEAD != 0:
                 limit = _wait_before(s + 3, first, last, sync_ptr, arrivals, limit, SYNC)
             if (s + 3 >= first) & (s + 3 < last):
-                _stage_gate_up(wg, wu, x_ptr, _at(table_ptr, layer, 5, x_ptr), gu_w,
-                               _at(table_ptr, layer, 7, x_ptr), h_ptr, eps, p, P, HIDDEN, HP,
-                               INTER, GU_BIAS, BNG)
+                _stage_gate_up(wg, wu, x_ptr, _at(table_ptr, layer, _NORM2, x_ptr), gu_w,
+                               _at(table_ptr, layer, _GU_B, x_ptr), h_ptr, eps, p, P, HIDDEN,
+                               HP, INTER, GU_BIAS, BNG)
             if AHEAD == 1:  # the next layer's first q/k/v unit
                 nxt = tl.minimum(layer + 1, LAYERS - 1)
-                wq1, wq2 = _qkv_first(_at(table_ptr, nxt, 1, x_ptr), p,
+                wq1, wq2 = _qkv_first(_at(table_ptr, nxt, _QKV_W, x_ptr), p,
                                       Q_UNITS * (layer + 1 < LAYERS), HIDDEN, HP, D, BH)
             # 5. down projection + residual
             arrivals = _arrive_before(s + 4, first, last, sync_ptr, arrivals, P, SYNC)
@@ -562,8 +564,8 @@ if triton is not None:
             if AHEAD != 0:
                 limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC)
             if (s + 4 >= first) & (s + 4 < last):
-                _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, 9, x_ptr), x_ptr, p, P,
-                            HIDDEN, INTER, IP, DOWN_BIAS, BN)
+                _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, _DOWN_B, x_ptr), x_ptr, p,
+                            P, HIDDEN, INTER, IP, DOWN_BIAS, BN)
         # 6. the final RMSNorm + lm_head, each program's largest logit (its rows asked of
         # L2 all at once at the barrier: it walks them one unit after another)
         s = LAYERS * 5
@@ -585,14 +587,41 @@ if triton is not None:
     OTHER_KERNELS.append(_jitted_step)  # counted by triton_decode.compiled_variants
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def _constants(layers: int, hidden: int, heads: int, kv_heads: int, d: int, inter: int,
+               vocab: int, programs: int, tiles: dict[str, int], itemsize: int,
+               biases: tuple[bool, bool, bool, bool], gpu: bool) -> dict[str, Any]:
+    """The step kernel's constexprs (and num_warps) for a model's shapes, the tiles
+    (`OneRowStep`'s) and `programs`; biases: whether q/k/v, o, gate/up and down have
+    one; gpu: compiled (the L2 prefetches), not interpreted. Raises ValueError on tiles
+    it can't take."""
+    bh = min(int(tiles["p_bh"]), d // 2)
+    widths = {"p_splits": int(tiles["p_splits"]), "p_bh": bh, "p_bn": int(tiles["p_bn"]),
+              "p_bn_mlp": int(tiles["p_bn_mlp"]), "p_bv": int(tiles["p_bv"])}
+    for name, value in widths.items():
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"tile {name} must be a power of two, got {value}")
+    if int(tiles["p_ahead"]) not in (0, 1, 2):
+        raise ValueError(f"tile p_ahead must be 0, 1 or 2, got {tiles['p_ahead']}")
+    out = dict(LAYERS=layers, HIDDEN=hidden, HEADS=heads, KV_HEADS=kv_heads, D=d,
+               INTER=inter, VOCAB=vocab, GROUP=heads // kv_heads,
+               BG=max(16, _pow2(heads // kv_heads)), BL=_BL, BS=widths["p_splits"],
+               HH=_pow2(heads), HP=_pow2(hidden), IP=_pow2(inter), BP=_pow2(programs), BH=bh,
+               BN=widths["p_bn"], BNG=widths["p_bn_mlp"], BV=widths["p_bv"],
+               AHEAD=int(tiles["p_ahead"]), UPCAST=not gpu, IEEE=itemsize == 4,
+               num_warps=int(tiles["p_warps"]),
+               **dict(zip(("QKV_BIAS", "O_BIAS", "GU_BIAS", "DOWN_BIAS"), biases, strict=True)))
+    if gpu and tiles["prefetch"]:
+        line = 128 // itemsize
 
+        def share(count: int, unit: int = line) -> int:  # lines of a program's units
+            return _pow2(triton.cdiv(triton.cdiv(count, unit), programs)
+                         * triton.cdiv(unit, line))
 
-def _head_lines(vocab: int, hidden: int, bv: int, programs: int, line: int) -> int:
-    """Lines of the output embedding each program prefetches: all of its units' (a
-    power of two)."""
-    return _pow2(_cdiv(_cdiv(vocab, bv), programs) * _cdiv(bv * hidden, line))
+        out.update(LINE=line, PF_QKV=share((heads + 2 * kv_heads) * d * hidden),
+                   PF_O=share(hidden * heads * d), PF_GU=share(2 * inter * hidden),
+                   PF_DOWN=share(hidden * inter),
+                   PF_HEAD=share(vocab * hidden, widths["p_bv"] * hidden))
+    return out
 
 
 class OneRowStep:
@@ -627,83 +656,57 @@ class OneRowStep:
         if len(strides) != 1:
             raise ValueError("the one-row step needs every layer's cache laid out alike")
         self.s_slot, self.s_head, self.s_pos, _ = strides.pop()
-        self.layers, self.heads = len(fused), layers.heads
-        self.kv_heads, self.d, self.group = layers.kv_heads, layers.head_dim, layers.group
-        self.hidden = fused[0][3].shape[0]
-        self.inter = fused[0][8].shape[1]
-        self.vocab = head_w.shape[0]
-        self.eps, self.scale = layers.eps, layers.scale
-        self.max_len, self.eos = int(max_len), eos
-        self.embed, self.norm_w, self.head_w, self.cos, self.sin = embed, norm_w, head_w, cos, sin
-        self.bias = {name: fused[0][i] is not None for name, i in
-                     (("QKV_BIAS", 2), ("O_BIAS", 4), ("GU_BIAS", 7), ("DOWN_BIAS", 9))}
-        pointers = [w for ws in fused for w in ws if w is not None] + k + v
-        if any(w.data_ptr() % 16 for w in pointers):
+        rows = [[w.data_ptr() if w is not None else 0 for w in ws] + [kc.data_ptr(),
+                                                                      vc.data_ptr()]
+                for ws, kc, vc in zip(fused, k, v, strict=True)]
+        assert all(len(row) == len(_TABLE) for row in rows)
+        if any(address % 16 for row in rows for address in row):
             raise ValueError("the one-row step needs 16-byte aligned weights and caches")
-        rows = []
-        for i, ws in enumerate(fused):
-            row = [w.data_ptr() if w is not None else 0 for w in ws] + [k[i].data_ptr(),
-                                                                        v[i].data_ptr()]
-            rows.append(row)
         self._keep = (fused, k, v)  # the table points into these
         self.table = torch.tensor(rows, dtype=torch.int64, device=self.device)
         cuda = self.device.type == "cuda"
-        if cuda:
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        self.programs = int(t.get("p_programs") or (sms if cuda else 1))
-        self.staged = bool(t.get("p_staged", 0))
-        self.pdl = self.staged and layers.uses_pdl(self.device)
-        self.bs = int(t.get("p_splits", 8))
-        self.bh = min(int(t.get("p_bh", 8)), self.d // 2)
-        self.bn, self.bng = int(t.get("p_bn", 8)), int(t.get("p_bn_mlp", 8))
-        self.bv, self.warps = int(t.get("p_bv", 16)), int(t.get("p_warps", 8))
-        self.ahead = int(t.get("p_ahead", 0))
-        if self.ahead not in (0, 1, 2):
-            raise ValueError(f"tile p_ahead must be 0, 1 or 2, got {self.ahead}")
-        for name, value in (("p_splits", self.bs), ("p_bh", self.bh), ("p_bn", self.bn),
-                            ("p_bn_mlp", self.bng), ("p_bv", self.bv)):
-            if value < 1 or value & (value - 1):
-                raise ValueError(f"tile {name} must be a power of two, got {value}")
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 1
+        self.programs = int(t["p_programs"] or sms)
+        self.staged = bool(t["p_staged"])
         if self.programs < 1:
             raise ValueError(f"tile p_programs must be >= 1, got {self.programs}")
         if self.programs > 1 and not self.staged and not cuda:
             raise ValueError("more than one program needs CUDA (the interpreter runs them "
                              "one after another: no barrier is ever met); set p_staged")
+        self.pdl = self.staged and layers.uses_pdl(self.device)
+        self.layers = len(fused)
+        hidden, inter = fused[0][3].shape[0], fused[0][8].shape[1]
+        self.consts = _constants(
+            self.layers, hidden, layers.heads, layers.kv_heads, layers.head_dim, inter,
+            head_w.shape[0], self.programs, t, self.dtype.itemsize,
+            tuple(fused[0][i] is not None for i in (2, 4, 7, 9)), cuda)
+        self.bs = self.consts["BS"]
+        self.eps, self.scale = layers.eps, layers.scale
+        self.max_len, self.eos = int(max_len), eos
+        self.embed, self.norm_w, self.head_w, self.cos, self.sin = embed, norm_w, head_w, cos, sin
         f32 = torch.float32
         dev = self.device
-        self.x = torch.empty(self.hidden, dtype=self.dtype, device=dev)
-        self.q = torch.empty(self.heads * self.d, dtype=self.dtype, device=dev)
-        self.part = torch.empty((self.heads, self.bs, self.d), dtype=f32, device=dev)
-        self.ml = torch.empty((self.heads, self.bs, 2), dtype=f32, device=dev)
-        self.h = torch.empty(self.inter, dtype=self.dtype, device=dev)
+        heads, d = layers.heads, layers.head_dim
+        self.x = torch.empty(hidden, dtype=self.dtype, device=dev)
+        self.q = torch.empty(heads * d, dtype=self.dtype, device=dev)
+        self.part = torch.empty((heads, self.bs, d), dtype=f32, device=dev)
+        self.ml = torch.empty((heads, self.bs, 2), dtype=f32, device=dev)
+        self.h = torch.empty(inter, dtype=self.dtype, device=dev)
         self.best = torch.empty(self.programs, dtype=f32, device=dev)
         self.bidx = torch.empty(self.programs, dtype=torch.int32, device=dev)
         self.sync = torch.zeros(2, dtype=torch.int32, device=dev)  # arrivals, gave-up flag
-        self.prefetch: dict[str, int] = {}
-        if cuda and t.get("prefetch", 1):
-            line = _prefetch_lines(1, self.dtype.itemsize)["LINE"]
-            per = {"PF_QKV": (self.heads + 2 * self.kv_heads) * self.d * self.hidden,
-                   "PF_O": self.hidden * self.heads * self.d,
-                   "PF_GU": 2 * self.inter * self.hidden, "PF_DOWN": self.hidden * self.inter}
-            self.prefetch = {"LINE": line, **{name: _pow2(_cdiv(_cdiv(count, line),
-                                                                self.programs))
-                                              for name, count in per.items()},
-                             "PF_HEAD": _head_lines(self.vocab, self.hidden, self.bv,
-                                                    self.programs, line)}
 
     def attention_split(self, window: int) -> tuple[int, int]:
         """(positions a split, splits) for rows attending over at most `window` positions:
         whole blocks of _BL, at most p_splits splits."""
-        chunk = _cdiv(_cdiv(window, self.bs), _BL) * _BL
-        return chunk, _cdiv(window, chunk)
+        chunk = triton.cdiv(triton.cdiv(window, self.bs), _BL) * _BL
+        return chunk, triton.cdiv(window, chunk)
 
     def run(self, tokens: Any, pos: Any, ban: Any, slots: Any, out: Any, window: int) -> None:
         """Row 0's next greedy token: from its last token tokens[0] at position pos[0]
         (slot slots[0], attending over at most `window` positions) to out[0] and
         tokens[0]; pos[0] moves on by one and ban[0] counts down. No host sync: a CUDA
         graph can capture it."""
-        import torch
-
         chunk, splits = self.attention_split(window)
         last = self.layers * _STAGES + 2
         args = (tokens, pos, ban, out, slots, self.embed, self.table, self.cos, self.sin,
@@ -711,22 +714,15 @@ class OneRowStep:
                 self.best, self.bidx, self.sync, self.eps, -1 if self.eos is None else self.eos,
                 self.scale, self.s_slot, self.s_head, self.s_pos, chunk, splits,
                 self.max_len - 1)
-        consts = dict(LAYERS=self.layers, HIDDEN=self.hidden, HEADS=self.heads,
-                      KV_HEADS=self.kv_heads, D=self.d, INTER=self.inter, VOCAB=self.vocab,
-                      GROUP=self.group, BG=max(16, _pow2(self.group)), BL=_BL, BS=self.bs,
-                      HH=_pow2(self.heads), HP=_pow2(self.hidden), IP=_pow2(self.inter),
-                      BP=_pow2(self.programs), BH=self.bh, BN=self.bn, BNG=self.bng,
-                      BV=self.bv, AHEAD=self.ahead, UPCAST=self.device.type != "cuda",
-                      IEEE=self.dtype == torch.float32, num_warps=self.warps, **self.bias,
-                      **self.prefetch)
         grid = (self.programs,)
         if self.staged:  # one launch a stage, chained with PDL where the GPU has it
             chained = {"PDL": True, "launch_pdl": True} if self.pdl else {}
             for stage in range(last):
-                _jitted_step[grid](*args, stage, stage + 1, SYNC=False, **consts, **chained)
+                _jitted_step[grid](*args, stage, stage + 1, SYNC=False, **self.consts,
+                                   **chained)
             return
         self.sync[:1].zero_()
-        _jitted_step[grid](*args, 0, last, SYNC=True, **consts)
+        _jitted_step[grid](*args, 0, last, SYNC=True, **self.consts)
 
     def healthy(self) -> bool:
         """Whether every barrier so far was met (False: a program was not resident, and
@@ -741,23 +737,12 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
                     staged_pdl: bool = False) -> dict[str, Any]:
     """Compile the one-row step for CUDA compute capability `arch` without a GPU
     (Triton's bundled ptxas), SmolLM2-135M's shapes by default, with `OneRowStep`'s
-    tiles (the defaults of `TritonLayers.tiles`, then `tiles`; staged_pdl: as the
-    staged launches chained with PDL, no barriers): its cubin size, shared memory,
-    registers and spills a thread, and PTX. Raises if it does not lower."""
+    constants for the tiles (DEFAULT_TILES, then `tiles`; staged_pdl: as the staged
+    launches chained with PDL, no barriers): its cubin size, shared memory, registers
+    and spills a thread, and PTX. Raises if it does not lower."""
     if triton is None:
         raise ValueError("triton is not installed")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences a 3.9 notice only
-    t = {**TritonLayers(heads, kv_heads, head_dim, 1e-5, 1.0).tiles, **(tiles or {})}
     p, f, i = f"*{dtype}", "*fp32", "*i64"
-    size = 4 if dtype == "fp32" else 2
-    line = 128 // size
-
-    def share(count: int) -> int:
-        return _pow2(_cdiv(_cdiv(count, line), programs))
-
     signature = {"tok_ptr": i, "pos_ptr": i, "ban_ptr": i, "out_ptr": i, "slot_ptr": i,
                  "embed_ptr": p, "table_ptr": i, "cos_ptr": p, "sin_ptr": p, "normf_ptr": p,
                  "head_ptr": p, "x_ptr": p, "q_ptr": p, "part_ptr": f, "ml_ptr": f, "h_ptr": p,
@@ -765,28 +750,14 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
                  "eos": "i32", "scale": "fp32", "s_slot": "i32", "s_head": "i32",
                  "s_pos": "i32", "chunk": "i32", "splits": "i32", "max_pos": "i32",
                  "first": "i32", "last": "i32"}
-    constexprs = {
-        "LAYERS": layers, "HIDDEN": hidden, "HEADS": heads, "KV_HEADS": kv_heads,
-        "D": head_dim, "INTER": inter, "VOCAB": vocab, "GROUP": heads // kv_heads,
-        "BG": max(16, _pow2(heads // kv_heads)), "BL": _BL, "BS": t["p_splits"],
-        "HH": _pow2(heads), "HP": _pow2(hidden), "IP": _pow2(inter), "BP": _pow2(programs),
-        "QKV_BIAS": bias, "O_BIAS": bias, "GU_BIAS": bias, "DOWN_BIAS": bias,
-        "BH": min(t["p_bh"], head_dim // 2), "BN": t["p_bn"], "BNG": t["p_bn_mlp"],
-        "BV": t["p_bv"], "AHEAD": t["p_ahead"], "UPCAST": False, "IEEE": dtype == "fp32",
-        "SYNC": not staged_pdl, "PDL": staged_pdl,
-        "LINE": line, "PF_QKV": share((heads + 2 * kv_heads) * head_dim * hidden),
-        "PF_O": share(hidden * heads * head_dim), "PF_GU": share(2 * inter * hidden),
-        "PF_DOWN": share(hidden * inter),
-        "PF_HEAD": _head_lines(vocab, hidden, t["p_bv"], programs, line)}
-    fn = _jitted_step
-    # 16-byte aligned pointers and cache strides, as triton specializes a launch's
-    aligned = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
-               for a, kind in signature.items()
-               if kind.startswith("*") or a in ("s_slot", "s_head", "s_pos")}
-    src = ASTSource(fn=fn, signature={**signature, **{c: "constexpr" for c in constexprs}},
-                    constexprs=constexprs, attrs=aligned)
-    options = {"num_warps": t["p_warps"], **({"launch_pdl": True} if staged_pdl else {})}
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    constexprs = _constants(layers, hidden, heads, kv_heads, head_dim, inter, vocab, programs,
+                            {**DEFAULT_TILES, **(tiles or {})}, 4 if dtype == "fp32" else 2,
+                            (bias,) * 4, gpu=True)
+    options = {"num_warps": constexprs.pop("num_warps"),
+               **({"launch_pdl": True} if staged_pdl else {})}
+    constexprs.update(SYNC=not staged_pdl, PDL=staged_pdl)
+    compiled = compile_offline(_jitted_step, signature, constexprs, arch, options,
+                               aligned=("s_slot", "s_head", "s_pos"))
     return {"cubin_bytes": len(compiled.asm["cubin"]), "shared_bytes": compiled.metadata.shared,
             **_registers(compiled.asm["ptx"], arch), "ptx": compiled.asm["ptx"]}
 

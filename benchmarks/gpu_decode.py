@@ -282,33 +282,31 @@ def tile_sweep(model: Any, prompt: list[int], new: int, out: dict[str, Any],
     import torch
     from contextwise.backends.static_decode import StaticDecoder
 
-    for rows, key, variants in (
-            (1, "decoder_bs1_triton_sweep", (
-                {}, {"persistent": 1}, {"persistent": 1, "p_ahead": 1},
-                {"persistent": 1, "p_ahead": 2},
-                {"persistent": 1, "p_bv": 32}, {"persistent": 1, "p_warps": 4},
-                {"persistent": 1, "p_bn": 16, "p_bn_mlp": 16}, {"persistent": 1, "prefetch": 0},
-                {"persistent": 1, "p_ahead": 2, "p_bv": 32, "p_bn_mlp": 16},
-                {"persistent": 1, "p_staged": 1},
-                {"stages_small": 4}, {"attend_o": 256},
-                {"attend_o": 256, "early": 2, "stages_small": 4})),):
-        sweep = {}
-        for tiles in variants:
-            dec = StaticDecoder(model, slots=rows, max_len=1024, kernels="triton")
-            if dec.triton is None:
-                out["triton_note"] = dec.stats.get("kernels_note")
-                return
-            dec.triton.tiles.update(tiles)
-            name = ",".join(f"{k}={v}" for k, v in sorted(tiles.items())) or "default"
-            sweep[name] = decoder_tok_s(dec, prompt, rows, new, 8, torch.cuda.synchronize)
-            log(f"triton decoder x{rows} {name}: {sweep[name]} tok/s")
-            if tiles.get("persistent") and "persistent_note" in dec.stats:
-                # it fell back: the figure is the layer kernels', say so
-                out.setdefault(f"{key}_notes", {})[name] = dec.stats["persistent_note"]
-                log(f"  {dec.stats['persistent_note']}")
-            del dec
-        out[key] = sweep
-        save()
+    variants = (
+        {}, {"persistent": 1}, {"persistent": 1, "p_ahead": 1}, {"persistent": 1, "p_ahead": 2},
+        {"persistent": 1, "p_bv": 32}, {"persistent": 1, "p_warps": 4},
+        {"persistent": 1, "p_bn": 16, "p_bn_mlp": 16}, {"persistent": 1, "prefetch": 0},
+        {"persistent": 1, "p_ahead": 2, "p_bv": 32, "p_bn_mlp": 16},
+        {"persistent": 1, "p_staged": 1},
+        {"stages_small": 4}, {"attend_o": 256}, {"attend_o": 256, "early": 2, "stages_small": 4})
+    sweep: dict[str, float] = {}
+    for tiles in variants:
+        dec = StaticDecoder(model, slots=1, max_len=1024, kernels="triton")
+        if dec.triton is None:
+            out["triton_note"] = dec.stats.get("kernels_note")
+            return
+        dec.triton.tiles.update(tiles)
+        name = ",".join(f"{k}={v}" for k, v in sorted(tiles.items())) or "default"
+        sweep[name] = decoder_tok_s(dec, prompt, 1, new, 8, torch.cuda.synchronize)
+        log(f"triton decoder x1 {name}: {sweep[name]} tok/s")
+        if tiles.get("persistent") and "persistent_note" in dec.stats:
+            # it fell back: the figure is the layer kernels', say so
+            out.setdefault("decoder_bs1_triton_sweep_notes", {})[name] = (
+                dec.stats["persistent_note"])
+            log(f"  {dec.stats['persistent_note']}")
+        del dec
+    out["decoder_bs1_triton_sweep"] = sweep
+    save()
 
 
 def warm_and_time(eng: Any, qs: list[str], new: int, sync: Any, after_warm_up: Any = None,
