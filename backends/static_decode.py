@@ -871,6 +871,11 @@ class StaticDecoder:
                 return None
         return self._one_row
 
+    def one_row_trace(self) -> dict[str, Any] | None:
+        """Where the persistent one-row step's last step spent its time, when it ran
+        traced (tile p_trace; `triton_persistent.trace_summary`); else None."""
+        return self._one_row.trace() if self._one_row is not None else None
+
     def _persistent_off(self, why: str) -> None:
         """Back to the layer kernels for one row; graphs that launch the step dropped
         (after the GPU is done with any still queued)."""

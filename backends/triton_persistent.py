@@ -34,6 +34,11 @@ and the layer kernels, not as a hung GPU or garbage tokens. Loads of what other
 programs wrote in this launch go to L2 (".cg"): an SM's L1 is not coherent within a
 kernel.
 
+With the tile p_trace each program also records, at the start, at each barrier
+(arriving, going on) and at the end, the global timer and its SM's clock, and its
+SM: `OneRowStep.trace` / `trace_summary` say how much of a step the barriers take
+against each kind of stage (GPU only: the clocks are inline PTX).
+
 On a CPU the interpreter runs programs one after another, so a barrier can't be
 met by more than one: tests run the step as one program, and (`staged`) each stage
 as its own launch of several programs, kernel boundaries standing in for barriers.
@@ -56,7 +61,12 @@ from contextwise.backends.triton_decode import (
     triton,
 )
 
-__all__ = ["OneRowStep", "compile_for_gpu"]
+try:  # the trace's clocks (tile p_trace; compiled kernels only: inline PTX)
+    from triton.language.extra.cuda import globaltimer, smid
+except ImportError:
+    globaltimer = smid = None
+
+__all__ = ["OneRowStep", "compile_for_gpu", "trace_summary"]
 
 _STAGES = 5  # stages a layer
 
@@ -72,20 +82,33 @@ if triton is not None:
     _SPIN_LIMIT = tl.constexpr(1 << 20)  # polls (L2 round trips) before a barrier gives up
 
     @triton.jit
-    def _arrive(sync_ptr, SYNC: tl.constexpr):
+    def _stamp(at, TRACE: tl.constexpr):
+        """Trace (TRACE): the global timer (ns, comparable across SMs) into at[0] and the
+        SM's own clock (cycles, finer) into at[2]."""
+        if TRACE:
+            tl.store(at, globaltimer())
+            clock = tl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [],
+                                              dtype=tl.int64, is_pure=False, pack=1)
+            tl.store(at + 2, clock)
+
+    @triton.jit
+    def _arrive(sync_ptr, SYNC: tl.constexpr, trace_at, TRACE: tl.constexpr):
         """This program's arrival at a grid barrier: the CTA's stores, then one release
         increment of the counter at sync_ptr (cooperative groups' grid sync, split in
-        two so loads that don't depend on the barrier can go out before the wait)."""
+        two so loads that don't depend on the barrier can go out before the wait).
+        Traced: the time the CTA's work was done, at trace_at."""
         if SYNC:
             tl.debug_barrier()
+            _stamp(trace_at, TRACE)
             tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
 
     @triton.jit
-    def _wait(sync_ptr, target, limit, SYNC: tl.constexpr):
+    def _wait(sync_ptr, target, limit, SYNC: tl.constexpr, trace_at, TRACE: tl.constexpr):
         """Poll the counter (one thread, acquire; its view shared through the CTA
         barrier) until it reaches `target` arrivals. Past `limit` polls it sets the flag
         at sync_ptr + 1 and goes on; returns the limit for the next barrier (0 after a
-        timeout: the step is void, so later barriers don't each wait it out)."""
+        timeout: the step is void, so later barriers don't each wait it out). Traced:
+        the time the CTA goes on, at trace_at + 1."""
         if SYNC:
             seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
             spins = 0
@@ -96,6 +119,7 @@ if triton is not None:
                 tl.atomic_xchg(sync_ptr + 1, 1)
                 limit = limit * 0
             tl.debug_barrier()
+            _stamp(trace_at + 1, TRACE)
         return limit
 
     @triton.jit
@@ -415,26 +439,29 @@ if triton is not None:
         tl.store(ban_ptr, tl.load(ban_ptr) - 1)
 
     @triton.jit
-    def _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC: tl.constexpr):
+    def _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC: tl.constexpr, trace_p,
+                       TRACE: tl.constexpr):
         """The arrival at the grid barrier before stage s, when this launch runs it and
-        one before it: the arrivals that barrier waits for."""
+        one before it: the arrivals that barrier waits for. (Traced: at the trace's row
+        s, see `trace_summary`.)"""
         if (s > first) & (s < last):
             arrivals += P
-            _arrive(sync_ptr, SYNC)
+            _arrive(sync_ptr, SYNC, trace_p + s * P * 4, TRACE)
         return arrivals
 
     @triton.jit
-    def _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC: tl.constexpr):
+    def _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC: tl.constexpr, trace_p,
+                     P, TRACE: tl.constexpr):
         """The wait at the grid barrier before stage s (see `_arrive_before`): the next
         barrier's poll limit."""
         if (s > first) & (s < last):
-            limit = _wait(sync_ptr, arrivals, limit, SYNC)
+            limit = _wait(sync_ptr, arrivals, limit, SYNC, trace_p + s * P * 4, TRACE)
         return limit
 
     def _one_row_step(tok_ptr, pos_ptr, ban_ptr, out_ptr, slot_ptr, embed_ptr, table_ptr,
                       cos_ptr, sin_ptr, normf_ptr, head_ptr, x_ptr, q_ptr, part_ptr, ml_ptr,
-                      h_ptr, best_ptr, bidx_ptr, sync_ptr, eps, eos, scale, s_slot, s_head,
-                      s_pos, chunk, splits, max_pos, first, last,
+                      h_ptr, best_ptr, bidx_ptr, sync_ptr, trace_ptr, eps, eos, scale, s_slot,
+                      s_head, s_pos, chunk, splits, max_pos, first, last,
                       LAYERS: tl.constexpr, HIDDEN: tl.constexpr, HEADS: tl.constexpr,
                       KV_HEADS: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
                       VOCAB: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr,
@@ -447,7 +474,7 @@ if triton is not None:
                       LINE: tl.constexpr = 64, PF_QKV: tl.constexpr = 0,
                       PF_O: tl.constexpr = 0, PF_GU: tl.constexpr = 0,
                       PF_DOWN: tl.constexpr = 0, PF_HEAD: tl.constexpr = 0,
-                      PDL: tl.constexpr = False):
+                      PDL: tl.constexpr = False, TRACE: tl.constexpr = 0):
         """Grid (programs,): stages first..last-1 of the step (layer l's stage s is
         l * 5 + s; the head LAYERS * 5, the pick LAYERS * 5 + 1), a grid barrier between
         each two (SYNC; without it the caller launches one stage at a time). A program's
@@ -458,10 +485,17 @@ if triton is not None:
         wait for them. PF_*: lines of each weight a program prefetches to L2 for the
         next layer, and of the output embedding for the head (0: none), between its
         arrival and its wait. PDL (one stage a launch only): launched with
-        programmatic dependent launch, waiting for the launch before."""
+        programmatic dependent launch, waiting for the launch before. TRACE (one
+        launch of every stage only): each program's times into trace [last + 2, P, 4]
+        int64 (see `trace_summary`)."""
         _begin(PDL)
         p = tl.program_id(0)
         P = tl.num_programs(0)
+        trace_p = trace_ptr + p * 4  # this program's column of the trace
+        if TRACE:  # the start (row first, as an arrival and a go) and the SM
+            _stamp(trace_p + first * P * 4, TRACE)
+            _stamp(trace_p + first * P * 4 + 1, TRACE)
+            tl.store(trace_p + (last + 1) * P * 4, smid().to(tl.int64))
         tok = tl.load(tok_ptr)
         pos = tl.minimum(tl.load(pos_ptr), max_pos)
         slot = tl.load(slot_ptr).to(tl.int64)
@@ -489,7 +523,8 @@ if triton is not None:
             gu_w = _at(table_ptr, layer, _GU_W, x_ptr)
             down_w = _at(table_ptr, layer, _DOWN_W, x_ptr)
             # 1. RMSNorm + q/k/v + rotary + cache write
-            arrivals = _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC)
+            arrivals = _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC,
+                                      trace_p, TRACE)
             if PF_QKV > 0:  # the next layer's weights to L2, a share each program
                 if layer + 1 < LAYERS:  # (a unit of one line: a share of the matrix)
                     nxt = layer + 1
@@ -503,11 +538,13 @@ if triton is not None:
                     _prefetch_units(_at(table_ptr, nxt, _DOWN_W, x_ptr), HIDDEN * INTER, p,
                                     P, LINE, LINE, PF_DOWN)
             if AHEAD == 0:
-                limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC)
+                limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC,
+                                     trace_p, P, TRACE)
             if AHEAD != 1:
                 wq1, wq2 = _qkv_first(qkv_w, p, Q_UNITS, HIDDEN, HP, D, BH)
             if AHEAD != 0:
-                limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC)
+                limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC,
+                                     trace_p, P, TRACE)
             if (s >= first) & (s < last):
                 _stage_qkv(wq1, wq2, xin, _at(table_ptr, layer, _NORM1, x_ptr), qkv_w,
                            _at(table_ptr, layer, _QKV_B, x_ptr), cos_ptr, sin_ptr, q_ptr, kc,
@@ -516,8 +553,10 @@ if triton is not None:
             if AHEAD == 1:
                 wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
             # 2. attention, split along the positions (no weights)
-            arrivals = _arrive_before(s + 1, first, last, sync_ptr, arrivals, P, SYNC)
-            limit = _wait_before(s + 1, first, last, sync_ptr, arrivals, limit, SYNC)
+            arrivals = _arrive_before(s + 1, first, last, sync_ptr, arrivals, P, SYNC,
+                                      trace_p, TRACE)
+            limit = _wait_before(s + 1, first, last, sync_ptr, arrivals, limit, SYNC,
+                                 trace_p, P, TRACE)
             if (s + 1 >= first) & (s + 1 < last):
                 _stage_attend(q_ptr, kc, vc, part_ptr, ml_ptr, pos + 1, slot, chunk, splits,
                               scale, s_slot, s_head, s_pos, p, P, KV_HEADS, D, GROUP, BG, BL,
@@ -526,27 +565,33 @@ if triton is not None:
                 wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
                 wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
             # 3. the splits combined + o projection + residual
-            arrivals = _arrive_before(s + 2, first, last, sync_ptr, arrivals, P, SYNC)
+            arrivals = _arrive_before(s + 2, first, last, sync_ptr, arrivals, P, SYNC,
+                                      trace_p, TRACE)
             if AHEAD == 0:
-                limit = _wait_before(s + 2, first, last, sync_ptr, arrivals, limit, SYNC)
+                limit = _wait_before(s + 2, first, last, sync_ptr, arrivals, limit, SYNC,
+                                     trace_p, P, TRACE)
             if AHEAD != 1:
                 wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
             if AHEAD != 0:
-                limit = _wait_before(s + 2, first, last, sync_ptr, arrivals, limit, SYNC)
+                limit = _wait_before(s + 2, first, last, sync_ptr, arrivals, limit, SYNC,
+                                     trace_p, P, TRACE)
             if (s + 2 >= first) & (s + 2 < last):
                 _stage_o(wo, part_ptr, ml_ptr, o_w, _at(table_ptr, layer, _O_B, x_ptr), xin,
                          x_ptr, splits, p, P, HIDDEN, HEADS, HH, D, BS, O_BIAS, BN)
             if AHEAD == 1:
                 wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
             # 4. RMSNorm + gate/up + SiLU(gate) * up
-            arrivals = _arrive_before(s + 3, first, last, sync_ptr, arrivals, P, SYNC)
+            arrivals = _arrive_before(s + 3, first, last, sync_ptr, arrivals, P, SYNC,
+                                      trace_p, TRACE)
             if AHEAD == 0:
-                limit = _wait_before(s + 3, first, last, sync_ptr, arrivals, limit, SYNC)
+                limit = _wait_before(s + 3, first, last, sync_ptr, arrivals, limit, SYNC,
+                                     trace_p, P, TRACE)
             if AHEAD != 1:
                 wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
                 wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
             if AHEAD != 0:
-                limit = _wait_before(s + 3, first, last, sync_ptr, arrivals, limit, SYNC)
+                limit = _wait_before(s + 3, first, last, sync_ptr, arrivals, limit, SYNC,
+                                     trace_p, P, TRACE)
             if (s + 3 >= first) & (s + 3 < last):
                 _stage_gate_up(wg, wu, x_ptr, _at(table_ptr, layer, _NORM2, x_ptr), gu_w,
                                _at(table_ptr, layer, _GU_B, x_ptr), h_ptr, eps, p, P, HIDDEN,
@@ -556,31 +601,41 @@ if triton is not None:
                 wq1, wq2 = _qkv_first(_at(table_ptr, nxt, _QKV_W, x_ptr), p,
                                       Q_UNITS * (layer + 1 < LAYERS), HIDDEN, HP, D, BH)
             # 5. down projection + residual
-            arrivals = _arrive_before(s + 4, first, last, sync_ptr, arrivals, P, SYNC)
+            arrivals = _arrive_before(s + 4, first, last, sync_ptr, arrivals, P, SYNC,
+                                      trace_p, TRACE)
             if AHEAD == 0:
-                limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC)
+                limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC,
+                                     trace_p, P, TRACE)
             if AHEAD != 1:
                 wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
             if AHEAD != 0:
-                limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC)
+                limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC,
+                                     trace_p, P, TRACE)
             if (s + 4 >= first) & (s + 4 < last):
                 _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, _DOWN_B, x_ptr), x_ptr, p,
                             P, HIDDEN, INTER, IP, DOWN_BIAS, BN)
         # 6. the final RMSNorm + lm_head, each program's largest logit (its rows asked of
         # L2 all at once at the barrier: it walks them one unit after another)
         s = LAYERS * 5
-        arrivals = _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC)
+        arrivals = _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC,
+                                  trace_p, TRACE)
         if PF_HEAD > 0:
             _prefetch_units(head_ptr, VOCAB * HIDDEN, p, P, BV * HIDDEN, LINE, PF_HEAD)
-        limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC)
+        limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC,
+                             trace_p, P, TRACE)
         if (s >= first) & (s < last):
             _stage_head(x_ptr, normf_ptr, head_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
                         HIDDEN, HP, VOCAB, BV)
         # 7. the pick
-        arrivals = _arrive_before(s + 1, first, last, sync_ptr, arrivals, P, SYNC)
-        limit = _wait_before(s + 1, first, last, sync_ptr, arrivals, limit, SYNC)
+        arrivals = _arrive_before(s + 1, first, last, sync_ptr, arrivals, P, SYNC,
+                                  trace_p, TRACE)
+        limit = _wait_before(s + 1, first, last, sync_ptr, arrivals, limit, SYNC,
+                             trace_p, P, TRACE)
         if (s + 1 >= first) & (s + 1 < last) & (p == 0):
             _stage_pick(best_ptr, bidx_ptr, out_ptr, tok_ptr, pos_ptr, ban_ptr, P, VOCAB, BP)
+        if TRACE:  # the end (row last)
+            tl.debug_barrier()
+            _stamp(trace_p + last * P * 4, TRACE)
 
     _jitted_step = triton.jit(_one_row_step, do_not_specialize=["chunk", "splits", "first",
                                                                  "last"])
@@ -602,12 +657,21 @@ def _constants(layers: int, hidden: int, heads: int, kv_heads: int, d: int, inte
             raise ValueError(f"tile {name} must be a power of two, got {value}")
     if int(tiles["p_ahead"]) not in (0, 1, 2):
         raise ValueError(f"tile p_ahead must be 0, 1 or 2, got {tiles['p_ahead']}")
+    trace = int(tiles["p_trace"])
+    if trace not in (0, 1):
+        raise ValueError(f"tile p_trace must be 0 or 1, got {tiles['p_trace']}")
+    if trace and not gpu:
+        raise ValueError("tile p_trace needs a CUDA GPU (its clocks are inline PTX, which "
+                         "the interpreter cannot run)")
+    if trace and globaltimer is None:
+        raise ValueError("tile p_trace needs triton.language.extra.cuda.globaltimer "
+                         f"(triton {triton.__version__} has none)")
     out = dict(LAYERS=layers, HIDDEN=hidden, HEADS=heads, KV_HEADS=kv_heads, D=d,
                INTER=inter, VOCAB=vocab, GROUP=heads // kv_heads,
                BG=max(16, _pow2(heads // kv_heads)), BL=_BL, BS=widths["p_splits"],
                HH=_pow2(heads), HP=_pow2(hidden), IP=_pow2(inter), BP=_pow2(programs), BH=bh,
                BN=widths["p_bn"], BNG=widths["p_bn_mlp"], BV=widths["p_bv"],
-               AHEAD=int(tiles["p_ahead"]), UPCAST=not gpu, IEEE=itemsize == 4,
+               AHEAD=int(tiles["p_ahead"]), TRACE=trace, UPCAST=not gpu, IEEE=itemsize == 4,
                num_warps=int(tiles["p_warps"]),
                **dict(zip(("QKV_BIAS", "O_BIAS", "GU_BIAS", "DOWN_BIAS"), biases, strict=True)))
     if gpu and tiles["prefetch"]:
@@ -633,7 +697,8 @@ class OneRowStep:
     between the arrival at its barrier and the wait), p_warps,
     p_programs (0: one per SM on CUDA, 1 elsewhere), p_staged (one launch a stage, no
     barriers: what the interpreter can run with several programs; on a GPU the same
-    one-row stages as ~157 kernels chained with PDL, to compare)."""
+    one-row stages as ~157 kernels chained with PDL, to compare), p_trace (each step
+    records its programs' clocks at every barrier: `trace`; CUDA only)."""
 
     def __init__(self, layers: Any, fused: list[tuple], k: list[Any], v: list[Any],
                  embed: Any, norm_w: Any, head_w: Any, cos: Any, sin: Any, max_len: int,
@@ -673,6 +738,9 @@ class OneRowStep:
         if self.programs > 1 and not self.staged and not cuda:
             raise ValueError("more than one program needs CUDA (the interpreter runs them "
                              "one after another: no barrier is ever met); set p_staged")
+        if self.staged and t["p_trace"]:
+            raise ValueError("tile p_trace needs the one-launch step (p_staged off): it "
+                             "times the grid barriers")
         self.pdl = self.staged and layers.uses_pdl(self.device)
         self.layers = len(fused)
         hidden, inter = fused[0][3].shape[0], fused[0][8].shape[1]
@@ -695,6 +763,10 @@ class OneRowStep:
         self.best = torch.empty(self.programs, dtype=f32, device=dev)
         self.bidx = torch.empty(self.programs, dtype=torch.int32, device=dev)
         self.sync = torch.zeros(2, dtype=torch.int32, device=dev)  # arrivals, gave-up flag
+        self.trace_buf = self.table  # (untraced: a stand-in of the pointer's type)
+        if self.consts["TRACE"]:
+            self.trace_buf = torch.zeros((self.layers * _STAGES + 4, self.programs, 4),
+                                         dtype=torch.int64, device=dev)
 
     def attention_split(self, window: int) -> tuple[int, int]:
         """(positions a split, splits) for rows attending over at most `window` positions:
@@ -711,7 +783,8 @@ class OneRowStep:
         last = self.layers * _STAGES + 2
         args = (tokens, pos, ban, out, slots, self.embed, self.table, self.cos, self.sin,
                 self.norm_w, self.head_w, self.x, self.q, self.part, self.ml, self.h,
-                self.best, self.bidx, self.sync, self.eps, -1 if self.eos is None else self.eos,
+                self.best, self.bidx, self.sync, self.trace_buf, self.eps,
+                -1 if self.eos is None else self.eos,
                 self.scale, self.s_slot, self.s_head, self.s_pos, chunk, splits,
                 self.max_len - 1)
         grid = (self.programs,)
@@ -728,6 +801,81 @@ class OneRowStep:
         """Whether every barrier so far was met (False: a program was not resident, and
         the steps since are garbage). Waits for the GPU."""
         return int(self.sync[1]) == 0
+
+    def trace(self) -> dict[str, Any] | None:
+        """Where the last step's time went (tile p_trace; None untraced): see
+        `trace_summary`. Waits for the GPU."""
+        if not self.consts["TRACE"]:
+            return None
+        return trace_summary(self.trace_buf.cpu(), self.layers)
+
+
+_KINDS = ("qkv", "attend", "o", "gate_up", "down")  # a layer's stages, in order
+
+
+def trace_summary(raw: Any, layers: int) -> dict[str, Any]:
+    """What one traced step's time went to. raw [S + 2, P, 4] int64 is `OneRowStep`'s
+    trace of a step of S = layers * 5 + 2 stages (layer l's l * 5 + 0..4: q/k/v,
+    attention, o, gate/up, down; then the head and the pick) run by P programs: row s
+    (0 < s < S) holds when program p arrived at the barrier before stage s and when it
+    went on past it, each as the global timer (ns, one clock for all SMs) and its SM's
+    clock (cycles); row 0 the start, row S the end (arrival columns), row S + 1 column 0
+    the program's SM.
+
+    Per stage s, on the critical path: `barrier` the last arrival at the barrier before
+    it to the first program going on (the barrier's own latency), `work` from then to
+    the last arrival at the next barrier (the stage, plus late wake-ups), `own` the
+    slowest program's own time in it (also in its SM's cycles), `wake_spread` the first
+    to the last program going on, `arrival_spread` the first to the last arrival after
+    it; and in SM cycles, which don't depend on the global timer's resolution,
+    `barrier_cycles`: the shortest wait there of any program (the last to arrive
+    waits about the barrier's own latency). Returned: the step's total, barrier and
+    work microseconds (they add up), the medians of each figure over the layers for
+    each kind of stage, program 0's step and the barriers' sum in cycles, the programs
+    and the distinct SMs they ran on, the SM clock (GHz) and the launch's skew."""
+    import statistics
+
+    import torch
+
+    raw = torch.as_tensor(raw, dtype=torch.int64)
+    last = layers * _STAGES + 2
+    if raw.dim() != 3 or raw.shape[0] != last + 2 or raw.shape[2] != 4:
+        raise ValueError(f"a trace of {layers} layers is [{last + 2}, programs, 4], got "
+                         f"{list(raw.shape)}")
+    arrive, go = raw[:last + 1, :, 0], raw[:last + 1, :, 1]
+    c_arrive, c_go = raw[:last + 1, :, 2], raw[:last + 1, :, 3]
+    a_last = arrive.max(dim=1).values  # [s]: the last arrival at the barrier before s
+    go_first, go_last = go.min(dim=1).values, go.max(dim=1).values
+    us = 1e-3
+    per: dict[str, dict[str, list[float]]] = {}
+    barrier = work = barrier_cycles = 0
+    for s in range(last):
+        kind = _KINDS[s % _STAGES] if s < layers * _STAGES else ("head", "pick")[s % _STAGES]
+        fig = per.setdefault(kind, {})
+        wait = int(go_first[s] - a_last[s]) if s > 0 else 0
+        wait_cycles = int((c_go[s] - c_arrive[s]).min()) if s > 0 else 0
+        span = int(a_last[s + 1] - go_first[s])
+        barrier, work = barrier + wait, work + span
+        barrier_cycles += wait_cycles
+        for name, value in (
+                ("barrier_us", wait * us), ("barrier_cycles", wait_cycles), ("work_us", span * us),
+                ("own_us", int((arrive[s + 1] - go[s]).max()) * us),
+                ("own_cycles", int((c_arrive[s + 1] - c_go[s]).max())),
+                ("wake_spread_us", int(go_last[s] - go_first[s]) * us),
+                ("arrival_spread_us", int(a_last[s + 1] - arrive[s + 1].min()) * us)):
+            fig.setdefault(name, []).append(value)
+    ns = int(arrive[last, 0] - go[0, 0])
+    return {
+        "step_us": round(int(a_last[last] - go_first[0]) * us, 3),
+        "barrier_us": round(barrier * us, 3), "work_us": round(work * us, 3),
+        "step_cycles": int(c_arrive[last, 0] - c_go[0, 0]), "barrier_cycles": barrier_cycles,
+        "barriers": last - 1, "programs": raw.shape[1],
+        "sms": len(set(raw[last + 1, :, 0].tolist())),
+        "sm_ghz": round(int(c_arrive[last, 0] - c_go[0, 0]) / ns, 3) if ns > 0 else None,
+        "launch_skew_us": round(int(go_last[0] - go_first[0]) * us, 3),
+        "stages": {kind: {name: round(statistics.median(values), 3)
+                          for name, values in fig.items()} for kind, fig in per.items()},
+    }
 
 
 def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, heads: int = 9,
@@ -746,7 +894,8 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
     signature = {"tok_ptr": i, "pos_ptr": i, "ban_ptr": i, "out_ptr": i, "slot_ptr": i,
                  "embed_ptr": p, "table_ptr": i, "cos_ptr": p, "sin_ptr": p, "normf_ptr": p,
                  "head_ptr": p, "x_ptr": p, "q_ptr": p, "part_ptr": f, "ml_ptr": f, "h_ptr": p,
-                 "best_ptr": f, "bidx_ptr": "*i32", "sync_ptr": "*i32", "eps": "fp32",
+                 "best_ptr": f, "bidx_ptr": "*i32", "sync_ptr": "*i32", "trace_ptr": i,
+                 "eps": "fp32",
                  "eos": "i32", "scale": "fp32", "s_slot": "i32", "s_head": "i32",
                  "s_pos": "i32", "chunk": "i32", "splits": "i32", "max_pos": "i32",
                  "first": "i32", "last": "i32"}
@@ -755,6 +904,8 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
                             (bias,) * 4, gpu=True)
     options = {"num_warps": constexprs.pop("num_warps"),
                **({"launch_pdl": True} if staged_pdl else {})}
+    if staged_pdl and constexprs["TRACE"]:
+        raise ValueError("tile p_trace needs the one-launch step (not staged_pdl)")
     constexprs.update(SYNC=not staged_pdl, PDL=staged_pdl)
     compiled = compile_offline(_jitted_step, signature, constexprs, arch, options,
                                aligned=("s_slot", "s_head", "s_pos"))

@@ -23,7 +23,9 @@ generation_config.min_new_tokens, which both paths honour). In one process:
 3. the same engine on the PyTorch kernels (`*_torch` keys; --no-torch skips them
    here and below);
    the Triton decoder alone for a few tile settings at batch 1, the one-row
-   persistent step among them (`decoder_bs1_triton_sweep`; --no-sweep skips it);
+   persistent step among them (`decoder_bs1_triton_sweep`; --no-sweep skips it),
+   and the persistent step traced: its barriers' and stages' microseconds from
+   each program's clocks (`decoder_bs1_persistent_trace`);
    --tiles sets tile defaults for the whole run, the engine's too;
 4. the decoder alone, each kind of kernels: batch 1 with 8 and 1 steps per
    replay, without graphs, and N rows; the kernel profile of eager steps (the
@@ -306,6 +308,26 @@ def tile_sweep(model: Any, prompt: list[int], new: int, out: dict[str, Any],
             log(f"  {dec.stats['persistent_note']}")
         del dec
     out["decoder_bs1_triton_sweep"] = sweep
+    save()
+    # where the persistent step's time goes: each program's clocks at each grid barrier
+    traces: dict[str, Any] = {}
+    for tiles in ({"persistent": 1, "p_trace": 1}, {"persistent": 1, "p_trace": 1, "p_ahead": 2}):
+        name = ",".join(f"{k}={v}" for k, v in sorted(tiles.items()))
+        try:
+            dec = StaticDecoder(model, slots=1, max_len=1024, kernels="triton")
+            assert dec.triton is not None
+            dec.triton.tiles.update(tiles)
+            speed = decoder_tok_s(dec, prompt, 1, new, 8, torch.cuda.synchronize)
+            trace = dec.one_row_trace() or {"note": dec.stats.get("persistent_note")}
+            del dec
+        except Exception as e:  # noqa: BLE001  (a diagnosis lost, not the run)
+            traces[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            continue
+        traces[name] = {"tok_s": speed, **trace}
+        log(f"traced {name}: {speed} tok/s, " + (
+            f"step {trace['step_us']} us = barriers {trace['barrier_us']} + work "
+            f"{trace['work_us']}" if "step_us" in trace else f"fell back: {trace['note']}"))
+    out["decoder_bs1_persistent_trace"] = traces
     save()
 
 

@@ -116,8 +116,11 @@ def test_tiles_the_step_cannot_take_leave_the_layer_kernels_and_say_why() -> Non
     model = tiny32()
     for tiles, why in (({**ONE, "p_bn": 12}, "p_bn must be a power of two"),
                        ({**ONE, "p_ahead": 3}, "p_ahead must be 0, 1 or 2"),
+                       ({**STAGED, "p_trace": 1}, "p_trace needs the one-launch step"),
                        ({**ONE, "p_programs": 2}, "needs CUDA") if not CUDA else
-                       ({**ONE, "p_splits": 3}, "p_splits must be a power of two")):
+                       ({**ONE, "p_splits": 3}, "p_splits must be a power of two"),
+                       ({**ONE, "p_trace": 1}, "p_trace needs a CUDA GPU") if not CUDA else
+                       ({**ONE, "p_trace": 2}, "p_trace must be 0 or 1")):
         dec = decoder(model, tiles)
         assert launched(dec, PROMPTS[1], 5) == reference(model, PROMPTS[1], 5)
         assert dec.triton.tiles["persistent"] == 0 and why in dec.stats["persistent_note"]
@@ -143,8 +146,47 @@ def test_the_one_row_step_compiles_for_an_h100() -> None:
         assert ptx.count("ld.global.cg") >= 10
         assert ptx.count("ld.global.v4") >= 10  # vectorized weight loads
         assert ptx.count("prefetch.global.L2") >= 5  # the next layer's four, the head
+        assert "%globaltimer" not in ptx and "%clock64" not in ptx  # untraced
     staged = compile_for_gpu(90, "bf16", staged_pdl=True)["ptx"]  # stages as PDL launches
     assert "griddepcontrol.wait" in staged and "atom.global" not in staged
+    # traced (p_trace): both clocks at the start, at each barrier's arrival and going on
+    # past it (the layer loop's 5, the head's and the pick's), and at the end; the SM once
+    traced = compile_for_gpu(90, "bf16", tiles={"p_trace": 1})["ptx"]
+    stamps = 2 + 2 * (5 + 2) + 1
+    assert traced.count("%globaltimer") == traced.count("%clock64") == stamps
+    assert traced.count("%smid") == 1
+
+
+def test_a_trace_adds_up_to_the_step_and_names_each_stage() -> None:
+    """trace_summary on a made-up timeline of one layer, two programs (one on SM 3, one
+    on SM 7): the barrier before each stage is met 5 ns after its last arrival, each
+    stage takes 95 ns from there (the first 105 from the start); the SMs clock 2 GHz."""
+    from contextwise.backends.triton_persistent import trace_summary
+
+    stages = 1 * 5 + 2
+    raw = torch.zeros((stages + 2, 2, 4), dtype=torch.int64)
+    for p in range(2):
+        raw[0, p, :2] = p  # the start
+        for s in range(1, stages + 1):
+            raw[s, p, 0] = 100 * s + 5 * p  # arrival: program 1 last, at +5
+            raw[s, p, 1] = 100 * s + 10 + p  # going on: program 0 first, at +10
+        raw[:stages + 1, p, 2:] = 2 * raw[:stages + 1, p, :2]
+        raw[stages + 1, p, 0] = (3, 7)[p]
+    got = trace_summary(raw, layers=1)
+    assert got["step_us"] == 0.705 and got["barrier_us"] == 0.03 and got["work_us"] == 0.675
+    assert got["barriers"] == stages - 1 and got["programs"] == 2 and got["sms"] == 2
+    assert got["sm_ghz"] == 2.0 and got["launch_skew_us"] == 0.001
+    # program 1 arrives last and waits 6 ns (12 cycles) at each of the 6 barriers
+    assert got["step_cycles"] == 1400 and got["barrier_cycles"] == 6 * 12
+    assert list(got["stages"]) == ["qkv", "attend", "o", "gate_up", "down", "head", "pick"]
+    assert got["stages"]["qkv"]["work_us"] == 0.105 and got["stages"]["qkv"]["barrier_us"] == 0
+    attend = got["stages"]["attend"]
+    assert attend["barrier_us"] == 0.005 and attend["work_us"] == 0.095
+    assert attend["own_us"] == 0.094 and attend["own_cycles"] == 188  # program 1: 94 ns
+    assert attend["barrier_cycles"] == 12
+    assert attend["wake_spread_us"] == 0.001 and attend["arrival_spread_us"] == 0.005
+    with pytest.raises(ValueError, match=r"a trace of 2 layers is \[14, programs, 4\]"):
+        trace_summary(raw, layers=2)
 
 
 @pytest.mark.slow
@@ -181,3 +223,23 @@ def test_the_one_row_step_on_the_gpu_with_every_sm(dtype: str, tiles: dict[str, 
             assert got[:5] == launched(layers, prompt, 12, steps=4)[:5]
     assert dec._one_row.programs == torch.cuda.get_device_properties(DEVICE).multi_processor_count
     assert dec._one_row.healthy() and dec.stats["graphs_captured"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_a_traced_step_gives_the_same_tokens_and_times_every_barrier() -> None:
+    model = tiny32(dtype=torch.float32)
+    dec = decoder(model, {**ONE, "p_trace": 1})
+    prompt = PROMPTS[0]
+    assert launched(dec, prompt, 9, steps=4) == reference(model, prompt, 9)
+    trace = dec.one_row_trace()
+    assert trace is not None and dec._one_row.healthy()
+    programs = dec._one_row.programs
+    assert trace["programs"] == trace["sms"] == programs  # one program an SM
+    assert trace["barriers"] == dec._one_row.layers * 5 + 1
+    assert trace["step_us"] > 0 and trace["sm_ghz"] > 0
+    assert abs(trace["barrier_us"] + trace["work_us"] - trace["step_us"]) < 0.01
+    assert all(fig["own_cycles"] > 0 for fig in trace["stages"].values())
+    untraced = decoder(model, ONE)
+    assert launched(untraced, prompt, 5) == reference(model, prompt, 5)
+    assert untraced._one_row is not None and untraced.one_row_trace() is None
