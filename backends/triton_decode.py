@@ -622,14 +622,15 @@ def _pow2(n: int) -> int:
 # and the o projection in one kernel (`_attend_o`; 0: never). persistent: a
 # one-row batch's whole step as one persistent kernel (backends/
 # triton_persistent.py, whose p_* tiles these are; StaticDecoder greedy launches;
-# p_trace: it records when each program reaches and leaves each grid barrier).
+# p_trace: it records when each program reaches and leaves each grid barrier;
+# p_fuse_mlp: its gate/up and down projections as one stage, a barrier fewer a layer).
 # A TritonLayers copies these at construction; benchmarks may change them first.
 DEFAULT_TILES = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages": 3,
                  "bk_small": 256, "warps_small": 4, "stages_small": 3, "qkv_split": 1,
                  "min_split": 256, "bm": 64, "pdl": 1, "prefetch": 1, "bv": 64, "early": 1,
                  "stages_head": 0, "attend_o": 0, "persistent": 0, "p_bh": 8, "p_bn": 8,
                  "p_bn_mlp": 8, "p_bv": 16, "p_splits": 8, "p_warps": 8, "p_ahead": 0,
-                 "p_programs": 0, "p_staged": 0, "p_trace": 0}
+                 "p_programs": 0, "p_staged": 0, "p_trace": 0, "p_fuse_mlp": 0}
 
 
 class TritonLayers:

@@ -34,6 +34,14 @@ and the layer kernels, not as a hung GPU or garbage tokens. Loads of what other
 programs wrote in this launch go to L2 (".cg"): an SM's L1 is not coherent within a
 kernel.
 
+With the tile p_fuse_mlp the gate/up and down stages are one (a barrier fewer a
+layer, four a layer): each unit of intermediate columns multiplies its silu(gate) *
+up by its slice of the down projection's columns and adds the products into
+float32 sums in L2 (split-K, atomic adds of 4 floats); the next stage adds them,
+rounded as the linear's output, and the bias to the residual. The sums' order is
+whatever order the adds land in, so unlike the five stages a step's logits may
+differ in the last bits from run to run (as with any split-K reduction).
+
 With the tile p_trace each program also records, at the start, at each barrier
 (arriving, going on) and at the end, the global timer and its SM's clock, and its
 SM: `OneRowStep.trace` / `trace_summary` say how much of a step the barriers take
@@ -142,16 +150,35 @@ if triton is not None:
         _to_l2(ptr + tl.minimum(at, count - 1))
 
     @triton.jit
+    def _normed(x, nw_ptr, eps, dt, HIDDEN: tl.constexpr, HP: tl.constexpr):
+        """The row x (float32 [HP], zeros past HIDDEN) as transformers' RMSNorm gives it,
+        weight * (x * inv).to(dtype) in the activation dtype dt: float32 [HP]."""
+        k = tl.arange(0, HP)
+        nw = tl.load(nw_ptr + k, mask=k < HIDDEN, other=0.0).to(tl.float32)
+        inv = tl.rsqrt(tl.sum(x * x, axis=0) / HIDDEN + eps)
+        return (nw * (x * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+
+    @triton.jit
     def _normed_row(x_ptr, nw_ptr, eps, HIDDEN: tl.constexpr, HP: tl.constexpr):
-        """The row x [HIDDEN] as transformers' RMSNorm gives it, weight * (x *
-        inv).to(dtype) in the activation dtype: float32 [HP], zeros past HIDDEN."""
+        """The row x [HIDDEN] normed (`_normed`): float32 [HP], zeros past HIDDEN."""
+        k = tl.arange(0, HP)
+        x = tl.load(x_ptr + k, mask=k < HIDDEN, other=0.0, cache_modifier=".cg")
+        return _normed(x.to(tl.float32), nw_ptr, eps, x_ptr.dtype.element_ty, HIDDEN, HP)
+
+    @triton.jit
+    def _after_mlp(x_ptr, acc_ptr, b_ptr, HIDDEN: tl.constexpr, HP: tl.constexpr,
+                   HAS_BIAS: tl.constexpr):
+        """With the fused MLP: the residual x [HIDDEN] plus the down projection summed at
+        acc_ptr (float32) + bias, rounded as transformers' linear output and residual add
+        are: float32 [HP], zeros past HIDDEN."""
         dt = x_ptr.dtype.element_ty
         k = tl.arange(0, HP)
         km = k < HIDDEN
         x = tl.load(x_ptr + k, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
-        nw = tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
-        inv = tl.rsqrt(tl.sum(x * x, axis=0) / HIDDEN + eps)
-        return (nw * (x * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        y = tl.load(acc_ptr + k, mask=km, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            y += tl.load(b_ptr + k, mask=km, other=0.0).to(tl.float32)
+        return (x + y.to(dt).to(tl.float32)).to(dt).to(tl.float32)
 
     @triton.jit
     def _rows(w_ptr, outs, omask, K: tl.constexpr, KP: tl.constexpr):
@@ -232,18 +259,32 @@ if triton is not None:
 
     @triton.jit
     def _stage_qkv(w1, w2, xin, nw_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr,
-                   pos, slot, eps, s_slot, s_head, s_pos, p, P, HIDDEN: tl.constexpr,
-                   HP: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                   D: tl.constexpr, HAS_BIAS: tl.constexpr, BH: tl.constexpr):
+                   pos, slot, eps, s_slot, s_head, s_pos, p, P, acc_ptr, db_ptr, r_ptr, mlp_in,
+                   HIDDEN: tl.constexpr, HP: tl.constexpr, HEADS: tl.constexpr,
+                   KV_HEADS: tl.constexpr, D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BH: tl.constexpr, DOWN_BIAS: tl.constexpr, FUSE: tl.constexpr):
         """Units of BH columns of one head's first rotary half and the same ones of its
         second: RMSNorm + q/k/v + bias + rotary + the cache write (w1, w2: the first
-        unit's weights, `_qkv_first`)."""
+        unit's weights, `_qkv_first`). The input row is xin's, or (FUSE, mlp_in: after a
+        fused MLP) `_after_mlp`'s of x (xin), acc and the down bias, which program 0 also
+        writes to r_ptr, the o stage's residual."""
         HALF: tl.constexpr = D // 2
         QS: tl.constexpr = HALF // BH
         units = (HEADS + 2 * KV_HEADS) * QS
         ins = _qkv_inputs(tl.minimum(p, units - 1), b_ptr, cos_ptr, sin_ptr, pos, D, HAS_BIAS,
                           BH)
-        h = _normed_row(xin, nw_ptr, eps, HIDDEN, HP)
+        if FUSE:
+            k = tl.arange(0, HP)
+            if mlp_in:
+                x = _after_mlp(xin, acc_ptr, db_ptr, HIDDEN, HP, DOWN_BIAS)
+                if p == 0:
+                    tl.store(r_ptr + k, x.to(r_ptr.dtype.element_ty), mask=k < HIDDEN)
+            else:
+                x = tl.load(xin + k, mask=k < HIDDEN, other=0.0, cache_modifier=".cg")
+                x = x.to(tl.float32)
+            h = _normed(x, nw_ptr, eps, q_ptr.dtype.element_ty, HIDDEN, HP)
+        else:
+            h = _normed_row(xin, nw_ptr, eps, HIDDEN, HP)
         if p < units:
             _qkv_unit(w1, w2, h, ins, p, q_ptr, kc_ptr, vc_ptr, pos, slot, s_slot, s_head,
                       s_pos, HEADS, KV_HEADS, D, BH)
@@ -360,6 +401,60 @@ if triton is not None:
         tl.store(h_ptr + cols, (act * up).to(dt), mask=cm)
 
     @triton.jit
+    def _down_first(w_ptr, p, limit, HIDDEN: tl.constexpr, INTER: tl.constexpr,
+                    HP: tl.constexpr, BN: tl.constexpr):
+        """Fused MLP: program p's first unit's slice of the down projection w [HIDDEN,
+        INTER], its BN columns p * BN.. of every row: [HP, BN] (zeros past HIDDEN, none
+        unless p < limit)."""
+        n = tl.arange(0, HP)
+        cols = p * BN + tl.arange(0, BN)
+        mine = (cols < INTER) & (p + 0 * cols < limit)
+        return tl.load(w_ptr + n[:, None] * INTER + cols[None, :],
+                       mask=(n[:, None] < HIDDEN) & mine[None, :], other=0.0)
+
+    @triton.jit
+    def _mlp_unit(wg, wu, wd, h, cols, cm, b_ptr, acc_ptr, dt, HIDDEN: tl.constexpr,
+                  HP: tl.constexpr, INTER: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """Fused MLP: the unit's silu(gate) * up columns (rounded as transformers' are)
+        times its slice wd of the down projection, added into the float32 sums at acc_ptr
+        (split-K: every unit adds its share of every output)."""
+        gate = _times(wg, h)
+        up = _times(wu, h)
+        if HAS_BIAS:
+            gate += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+            up += tl.load(b_ptr + INTER + cols, mask=cm, other=0.0).to(tl.float32)
+        gate = gate.to(dt).to(tl.float32)
+        up = up.to(dt).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)  # F.silu's rounding
+        a = tl.where(cm, (act * up).to(dt).to(tl.float32), 0.0)
+        n = tl.arange(0, HP)
+        tl.atomic_add(acc_ptr + n, _times(wd, a), mask=n < HIDDEN, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _stage_mlp(wg, wu, wd, x_ptr, nw_ptr, w_ptr, b_ptr, down_ptr, acc_ptr, eps, p, P,
+                   HIDDEN: tl.constexpr, HP: tl.constexpr, INTER: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BN: tl.constexpr):
+        """Fused MLP (tile p_fuse_mlp): units of BN intermediate columns, RMSNorm +
+        silu(gate) * up + their share of the down projection, summed into acc_ptr
+        (zeroed before; the next stage adds it and the bias to the residual x): the
+        gate/up and down stages in one, a grid barrier fewer a layer (wg, wu, wd: the
+        first unit's weights, `_cols_first`, `_down_first`)."""
+        dt = x_ptr.dtype.element_ty
+        units = tl.cdiv(INTER, BN)
+        cols = p * BN + tl.arange(0, BN)
+        cm = cols < INTER
+        h = _normed_row(x_ptr, nw_ptr, eps, HIDDEN, HP)
+        if p < units:
+            _mlp_unit(wg, wu, wd, h, cols, cm, b_ptr, acc_ptr, dt, HIDDEN, HP, INTER, HAS_BIAS)
+        for u in range(p + P, units, P):
+            cols = u * BN + tl.arange(0, BN)
+            cm = cols < INTER
+            _mlp_unit(_rows(w_ptr, cols, cm, HIDDEN, HP),
+                      _rows(w_ptr, INTER + cols, cm, HIDDEN, HP),
+                      _down_first(down_ptr, u, units, HIDDEN, INTER, HP, BN), h, cols, cm,
+                      b_ptr, acc_ptr, dt, HIDDEN, HP, INTER, HAS_BIAS)
+
+    @triton.jit
     def _stage_gate_up(wg, wu, x_ptr, nw_ptr, w_ptr, b_ptr, h_ptr, eps, p, P,
                        HIDDEN: tl.constexpr, HP: tl.constexpr, INTER: tl.constexpr,
                        HAS_BIAS: tl.constexpr, BN: tl.constexpr):
@@ -399,14 +494,19 @@ if triton is not None:
                       _add_inputs(cols, cm, b_ptr, x_ptr, HAS_BIAS), cols, cm, x_ptr)
 
     @triton.jit
-    def _stage_head(x_ptr, nw_ptr, w_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
-                    HIDDEN: tl.constexpr, HP: tl.constexpr, VOCAB: tl.constexpr,
-                    BV: tl.constexpr):
-        """Units of BV vocabulary rows: the logits of the normed row rounded as the
-        lm_head's (EOS at -inf while the ban lasts); the program's largest and the first
-        index of it into best / bidx [p] (its units come in increasing order)."""
+    def _stage_head(x_ptr, nw_ptr, w_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P, acc_ptr,
+                    db_ptr, HIDDEN: tl.constexpr, HP: tl.constexpr, VOCAB: tl.constexpr,
+                    BV: tl.constexpr, DOWN_BIAS: tl.constexpr, FUSE: tl.constexpr):
+        """Units of BV vocabulary rows: the logits of the normed row (FUSE: x after the
+        last fused MLP, `_after_mlp`) rounded as the lm_head's (EOS at -inf while the ban
+        lasts); the program's largest and the first index of it into best / bidx [p]
+        (its units come in increasing order)."""
         dt = x_ptr.dtype.element_ty
-        h = _normed_row(x_ptr, nw_ptr, eps, HIDDEN, HP)
+        if FUSE:
+            h = _normed(_after_mlp(x_ptr, acc_ptr, db_ptr, HIDDEN, HP, DOWN_BIAS), nw_ptr, eps,
+                        dt, HIDDEN, HP)
+        else:
+            h = _normed_row(x_ptr, nw_ptr, eps, HIDDEN, HP)
         best = tl.full((), float("-inf"), tl.float32)
         first = tl.full((), VOCAB, tl.int32)
         for u in range(p, tl.cdiv(VOCAB, BV), P):
@@ -460,8 +560,8 @@ if triton is not None:
 
     def _one_row_step(tok_ptr, pos_ptr, ban_ptr, out_ptr, slot_ptr, embed_ptr, table_ptr,
                       cos_ptr, sin_ptr, normf_ptr, head_ptr, x_ptr, q_ptr, part_ptr, ml_ptr,
-                      h_ptr, best_ptr, bidx_ptr, sync_ptr, trace_ptr, eps, eos, scale, s_slot,
-                      s_head, s_pos, chunk, splits, max_pos, first, last,
+                      h_ptr, acc_ptr, r_ptr, best_ptr, bidx_ptr, sync_ptr, trace_ptr, eps, eos,
+                      scale, s_slot, s_head, s_pos, chunk, splits, max_pos, first, last,
                       LAYERS: tl.constexpr, HIDDEN: tl.constexpr, HEADS: tl.constexpr,
                       KV_HEADS: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
                       VOCAB: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr,
@@ -474,7 +574,8 @@ if triton is not None:
                       LINE: tl.constexpr = 64, PF_QKV: tl.constexpr = 0,
                       PF_O: tl.constexpr = 0, PF_GU: tl.constexpr = 0,
                       PF_DOWN: tl.constexpr = 0, PF_HEAD: tl.constexpr = 0,
-                      PDL: tl.constexpr = False, TRACE: tl.constexpr = 0):
+                      PDL: tl.constexpr = False, TRACE: tl.constexpr = 0,
+                      FUSE: tl.constexpr = 0):
         """Grid (programs,): stages first..last-1 of the step (layer l's stage s is
         l * 5 + s; the head LAYERS * 5, the pick LAYERS * 5 + 1), a grid barrier between
         each two (SYNC; without it the caller launches one stage at a time). A program's
@@ -487,7 +588,10 @@ if triton is not None:
         arrival and its wait. PDL (one stage a launch only): launched with
         programmatic dependent launch, waiting for the launch before. TRACE (one
         launch of every stage only): each program's times into trace [last + 2, P, 4]
-        int64 (see `trace_summary`)."""
+        int64 (see `trace_summary`). FUSE: the gate/up and down stages as one
+        (`_stage_mlp`, split-K into acc [2, HIDDEN] float32, a buffer a layer in turn;
+        the next stage adds it to the residual; stage l * 5 + 4 is empty, and the o
+        stage's residual is r [HIDDEN], which the q/k/v stage writes)."""
         _begin(PDL)
         p = tl.program_id(0)
         P = tl.num_programs(0)
@@ -514,8 +618,15 @@ if triton is not None:
             s = layer * 5
             if layer == 0:  # the embedding row is the first layer's input
                 xin = embed_ptr + tok * HIDDEN
+                res = embed_ptr + tok * HIDDEN
             else:
                 xin = x_ptr
+                if FUSE:  # x + the last layer's MLP, as the q/k/v stage wrote it
+                    res = r_ptr
+                else:
+                    res = x_ptr
+            acc_in = acc_ptr + ((layer + 1) % 2) * HIDDEN  # FUSE: the last layer's MLP sums
+            acc_out = acc_ptr + (layer % 2) * HIDDEN  # and this one's
             kc = _at(table_ptr, layer, _K, x_ptr)
             vc = _at(table_ptr, layer, _V, x_ptr)
             qkv_w = _at(table_ptr, layer, _QKV_W, x_ptr)
@@ -548,8 +659,14 @@ if triton is not None:
             if (s >= first) & (s < last):
                 _stage_qkv(wq1, wq2, xin, _at(table_ptr, layer, _NORM1, x_ptr), qkv_w,
                            _at(table_ptr, layer, _QKV_B, x_ptr), cos_ptr, sin_ptr, q_ptr, kc,
-                           vc, pos, slot, eps, s_slot, s_head, s_pos, p, P, HIDDEN, HP, HEADS,
-                           KV_HEADS, D, QKV_BIAS, BH)
+                           vc, pos, slot, eps, s_slot, s_head, s_pos, p, P, acc_in,
+                           _at(table_ptr, tl.maximum(layer - 1, 0), _DOWN_B, x_ptr), r_ptr,
+                           layer > 0, HIDDEN, HP, HEADS, KV_HEADS, D, QKV_BIAS, BH, DOWN_BIAS,
+                           FUSE)
+                if FUSE:  # this layer's sums start at 0 (last read two q/k/v stages ago)
+                    if p == 0:
+                        k = tl.arange(0, HP)
+                        tl.store(acc_out + k, tl.zeros((HP,), tl.float32), mask=k < HIDDEN)
             if AHEAD == 1:
                 wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
             # 2. attention, split along the positions (no weights)
@@ -564,6 +681,8 @@ if triton is not None:
             if AHEAD == 1:
                 wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
                 wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+                if FUSE:
+                    wdm = _down_first(down_w, p, G_UNITS, HIDDEN, INTER, HP, BNG)
             # 3. the splits combined + o projection + residual
             arrivals = _arrive_before(s + 2, first, last, sync_ptr, arrivals, P, SYNC,
                                       trace_p, TRACE)
@@ -576,11 +695,12 @@ if triton is not None:
                 limit = _wait_before(s + 2, first, last, sync_ptr, arrivals, limit, SYNC,
                                      trace_p, P, TRACE)
             if (s + 2 >= first) & (s + 2 < last):
-                _stage_o(wo, part_ptr, ml_ptr, o_w, _at(table_ptr, layer, _O_B, x_ptr), xin,
+                _stage_o(wo, part_ptr, ml_ptr, o_w, _at(table_ptr, layer, _O_B, x_ptr), res,
                          x_ptr, splits, p, P, HIDDEN, HEADS, HH, D, BS, O_BIAS, BN)
-            if AHEAD == 1:
+            if (AHEAD == 1) & (FUSE == 0):
                 wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
-            # 4. RMSNorm + gate/up + SiLU(gate) * up
+            # 4. RMSNorm + gate/up + SiLU(gate) * up (FUSE: + its share of the down
+            # projection, summed into acc_out)
             arrivals = _arrive_before(s + 3, first, last, sync_ptr, arrivals, P, SYNC,
                                       trace_p, TRACE)
             if AHEAD == 0:
@@ -589,31 +709,39 @@ if triton is not None:
             if AHEAD != 1:
                 wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
                 wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+                if FUSE:
+                    wdm = _down_first(down_w, p, G_UNITS, HIDDEN, INTER, HP, BNG)
             if AHEAD != 0:
                 limit = _wait_before(s + 3, first, last, sync_ptr, arrivals, limit, SYNC,
                                      trace_p, P, TRACE)
             if (s + 3 >= first) & (s + 3 < last):
-                _stage_gate_up(wg, wu, x_ptr, _at(table_ptr, layer, _NORM2, x_ptr), gu_w,
-                               _at(table_ptr, layer, _GU_B, x_ptr), h_ptr, eps, p, P, HIDDEN,
-                               HP, INTER, GU_BIAS, BNG)
+                if FUSE:
+                    _stage_mlp(wg, wu, wdm, x_ptr, _at(table_ptr, layer, _NORM2, x_ptr), gu_w,
+                               _at(table_ptr, layer, _GU_B, x_ptr), down_w, acc_out, eps, p, P,
+                               HIDDEN, HP, INTER, GU_BIAS, BNG)
+                else:
+                    _stage_gate_up(wg, wu, x_ptr, _at(table_ptr, layer, _NORM2, x_ptr), gu_w,
+                                   _at(table_ptr, layer, _GU_B, x_ptr), h_ptr, eps, p, P,
+                                   HIDDEN, HP, INTER, GU_BIAS, BNG)
             if AHEAD == 1:  # the next layer's first q/k/v unit
                 nxt = tl.minimum(layer + 1, LAYERS - 1)
                 wq1, wq2 = _qkv_first(_at(table_ptr, nxt, _QKV_W, x_ptr), p,
                                       Q_UNITS * (layer + 1 < LAYERS), HIDDEN, HP, D, BH)
-            # 5. down projection + residual
-            arrivals = _arrive_before(s + 4, first, last, sync_ptr, arrivals, P, SYNC,
-                                      trace_p, TRACE)
-            if AHEAD == 0:
-                limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC,
-                                     trace_p, P, TRACE)
-            if AHEAD != 1:
-                wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
-            if AHEAD != 0:
-                limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC,
-                                     trace_p, P, TRACE)
-            if (s + 4 >= first) & (s + 4 < last):
-                _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, _DOWN_B, x_ptr), x_ptr, p,
-                            P, HIDDEN, INTER, IP, DOWN_BIAS, BN)
+            # 5. down projection + residual (FUSE: done in 4)
+            if FUSE == 0:
+                arrivals = _arrive_before(s + 4, first, last, sync_ptr, arrivals, P, SYNC,
+                                          trace_p, TRACE)
+                if AHEAD == 0:
+                    limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC,
+                                         trace_p, P, TRACE)
+                if AHEAD != 1:
+                    wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
+                if AHEAD != 0:
+                    limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC,
+                                         trace_p, P, TRACE)
+                if (s + 4 >= first) & (s + 4 < last):
+                    _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, _DOWN_B, x_ptr),
+                                x_ptr, p, P, HIDDEN, INTER, IP, DOWN_BIAS, BN)
         # 6. the final RMSNorm + lm_head, each program's largest logit (its rows asked of
         # L2 all at once at the barrier: it walks them one unit after another)
         s = LAYERS * 5
@@ -625,7 +753,9 @@ if triton is not None:
                              trace_p, P, TRACE)
         if (s >= first) & (s < last):
             _stage_head(x_ptr, normf_ptr, head_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
-                        HIDDEN, HP, VOCAB, BV)
+                        acc_ptr + ((LAYERS - 1) % 2) * HIDDEN,
+                        _at(table_ptr, LAYERS - 1, _DOWN_B, x_ptr), HIDDEN, HP, VOCAB, BV,
+                        DOWN_BIAS, FUSE)
         # 7. the pick
         arrivals = _arrive_before(s + 1, first, last, sync_ptr, arrivals, P, SYNC,
                                   trace_p, TRACE)
@@ -657,9 +787,10 @@ def _constants(layers: int, hidden: int, heads: int, kv_heads: int, d: int, inte
             raise ValueError(f"tile {name} must be a power of two, got {value}")
     if int(tiles["p_ahead"]) not in (0, 1, 2):
         raise ValueError(f"tile p_ahead must be 0, 1 or 2, got {tiles['p_ahead']}")
-    trace = int(tiles["p_trace"])
-    if trace not in (0, 1):
-        raise ValueError(f"tile p_trace must be 0 or 1, got {tiles['p_trace']}")
+    trace, fuse = int(tiles["p_trace"]), int(tiles["p_fuse_mlp"])
+    for name, value in (("p_trace", trace), ("p_fuse_mlp", fuse)):
+        if value not in (0, 1):
+            raise ValueError(f"tile {name} must be 0 or 1, got {tiles[name]}")
     if trace and not gpu:
         raise ValueError("tile p_trace needs a CUDA GPU (its clocks are inline PTX, which "
                          "the interpreter cannot run)")
@@ -671,7 +802,8 @@ def _constants(layers: int, hidden: int, heads: int, kv_heads: int, d: int, inte
                BG=max(16, _pow2(heads // kv_heads)), BL=_BL, BS=widths["p_splits"],
                HH=_pow2(heads), HP=_pow2(hidden), IP=_pow2(inter), BP=_pow2(programs), BH=bh,
                BN=widths["p_bn"], BNG=widths["p_bn_mlp"], BV=widths["p_bv"],
-               AHEAD=int(tiles["p_ahead"]), TRACE=trace, UPCAST=not gpu, IEEE=itemsize == 4,
+               AHEAD=int(tiles["p_ahead"]), TRACE=trace, FUSE=fuse, UPCAST=not gpu,
+               IEEE=itemsize == 4,
                num_warps=int(tiles["p_warps"]),
                **dict(zip(("QKV_BIAS", "O_BIAS", "GU_BIAS", "DOWN_BIAS"), biases, strict=True)))
     if gpu and tiles["prefetch"]:
@@ -698,7 +830,8 @@ class OneRowStep:
     p_programs (0: one per SM on CUDA, 1 elsewhere), p_staged (one launch a stage, no
     barriers: what the interpreter can run with several programs; on a GPU the same
     one-row stages as ~157 kernels chained with PDL, to compare), p_trace (each step
-    records its programs' clocks at every barrier: `trace`; CUDA only)."""
+    records its programs' clocks at every barrier: `trace`; CUDA only), p_fuse_mlp
+    (gate/up and down as one split-K stage: a barrier fewer a layer)."""
 
     def __init__(self, layers: Any, fused: list[tuple], k: list[Any], v: list[Any],
                  embed: Any, norm_w: Any, head_w: Any, cos: Any, sin: Any, max_len: int,
@@ -760,6 +893,8 @@ class OneRowStep:
         self.part = torch.empty((heads, self.bs, d), dtype=f32, device=dev)
         self.ml = torch.empty((heads, self.bs, 2), dtype=f32, device=dev)
         self.h = torch.empty(inter, dtype=self.dtype, device=dev)
+        self.acc = torch.zeros((2, hidden), dtype=f32, device=dev)  # fused MLP sums
+        self.r = torch.empty(hidden, dtype=self.dtype, device=dev)  # o's residual (fused)
         self.best = torch.empty(self.programs, dtype=f32, device=dev)
         self.bidx = torch.empty(self.programs, dtype=torch.int32, device=dev)
         self.sync = torch.zeros(2, dtype=torch.int32, device=dev)  # arrivals, gave-up flag
@@ -782,8 +917,8 @@ class OneRowStep:
         chunk, splits = self.attention_split(window)
         last = self.layers * _STAGES + 2
         args = (tokens, pos, ban, out, slots, self.embed, self.table, self.cos, self.sin,
-                self.norm_w, self.head_w, self.x, self.q, self.part, self.ml, self.h,
-                self.best, self.bidx, self.sync, self.trace_buf, self.eps,
+                self.norm_w, self.head_w, self.x, self.q, self.part, self.ml, self.h, self.acc,
+                self.r, self.best, self.bidx, self.sync, self.trace_buf, self.eps,
                 -1 if self.eos is None else self.eos,
                 self.scale, self.s_slot, self.s_head, self.s_pos, chunk, splits,
                 self.max_len - 1)
@@ -791,6 +926,8 @@ class OneRowStep:
         if self.staged:  # one launch a stage, chained with PDL where the GPU has it
             chained = {"PDL": True, "launch_pdl": True} if self.pdl else {}
             for stage in range(last):
+                if self.consts["FUSE"] and stage < last - 2 and stage % _STAGES == 4:
+                    continue  # the fused MLP's down stage: empty
                 _jitted_step[grid](*args, stage, stage + 1, SYNC=False, **self.consts,
                                    **chained)
             return
@@ -820,7 +957,8 @@ def trace_summary(raw: Any, layers: int) -> dict[str, Any]:
     (0 < s < S) holds when program p arrived at the barrier before stage s and when it
     went on past it, each as the global timer (ns, one clock for all SMs) and its SM's
     clock (cycles); row 0 the start, row S the end (arrival columns), row S + 1 column 0
-    the program's SM.
+    the program's SM. A stage that ran no barrier (the fused MLP's empty down stage) has
+    a row of zeros, and the stage before it counts as "mlp".
 
     Per stage s, on the critical path: `barrier` the last arrival at the barrier before
     it to the first program going on (the barrier's own latency), `work` from then to
@@ -849,27 +987,31 @@ def trace_summary(raw: Any, layers: int) -> dict[str, Any]:
     us = 1e-3
     per: dict[str, dict[str, list[float]]] = {}
     barrier = work = barrier_cycles = 0
-    for s in range(last):
+    # the stages that ran (the fused MLP's empty down stage has no barrier: no row)
+    ran = [s for s in range(last + 1) if s == 0 or bool((arrive[s] != 0).any())]
+    for s, after in zip(ran, ran[1:]):
         kind = _KINDS[s % _STAGES] if s < layers * _STAGES else ("head", "pick")[s % _STAGES]
+        if kind == "gate_up" and after == s + 2:
+            kind = "mlp"  # gate/up and down as one stage (tile p_fuse_mlp)
         fig = per.setdefault(kind, {})
         wait = int(go_first[s] - a_last[s]) if s > 0 else 0
         wait_cycles = int((c_go[s] - c_arrive[s]).min()) if s > 0 else 0
-        span = int(a_last[s + 1] - go_first[s])
+        span = int(a_last[after] - go_first[s])
         barrier, work = barrier + wait, work + span
         barrier_cycles += wait_cycles
         for name, value in (
                 ("barrier_us", wait * us), ("barrier_cycles", wait_cycles), ("work_us", span * us),
-                ("own_us", int((arrive[s + 1] - go[s]).max()) * us),
-                ("own_cycles", int((c_arrive[s + 1] - c_go[s]).max())),
+                ("own_us", int((arrive[after] - go[s]).max()) * us),
+                ("own_cycles", int((c_arrive[after] - c_go[s]).max())),
                 ("wake_spread_us", int(go_last[s] - go_first[s]) * us),
-                ("arrival_spread_us", int(a_last[s + 1] - arrive[s + 1].min()) * us)):
+                ("arrival_spread_us", int(a_last[after] - arrive[after].min()) * us)):
             fig.setdefault(name, []).append(value)
     ns = int(arrive[last, 0] - go[0, 0])
     return {
         "step_us": round(int(a_last[last] - go_first[0]) * us, 3),
         "barrier_us": round(barrier * us, 3), "work_us": round(work * us, 3),
         "step_cycles": int(c_arrive[last, 0] - c_go[0, 0]), "barrier_cycles": barrier_cycles,
-        "barriers": last - 1, "programs": raw.shape[1],
+        "barriers": len(ran) - 2, "programs": raw.shape[1],
         "sms": len(set(raw[last + 1, :, 0].tolist())),
         "sm_ghz": round(int(c_arrive[last, 0] - c_go[0, 0]) / ns, 3) if ns > 0 else None,
         "launch_skew_us": round(int(go_last[0] - go_first[0]) * us, 3),
@@ -894,6 +1036,7 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
     signature = {"tok_ptr": i, "pos_ptr": i, "ban_ptr": i, "out_ptr": i, "slot_ptr": i,
                  "embed_ptr": p, "table_ptr": i, "cos_ptr": p, "sin_ptr": p, "normf_ptr": p,
                  "head_ptr": p, "x_ptr": p, "q_ptr": p, "part_ptr": f, "ml_ptr": f, "h_ptr": p,
+                 "acc_ptr": f, "r_ptr": p,
                  "best_ptr": f, "bidx_ptr": "*i32", "sync_ptr": "*i32", "trace_ptr": i,
                  "eps": "fp32",
                  "eos": "i32", "scale": "fp32", "s_slot": "i32", "s_head": "i32",

@@ -286,10 +286,10 @@ def tile_sweep(model: Any, prompt: list[int], new: int, out: dict[str, Any],
 
     variants = (
         {}, {"persistent": 1}, {"persistent": 1, "p_ahead": 1}, {"persistent": 1, "p_ahead": 2},
+        {"persistent": 1, "p_fuse_mlp": 1}, {"persistent": 1, "p_fuse_mlp": 1, "p_ahead": 2},
+        {"persistent": 1, "p_fuse_mlp": 1, "p_bn_mlp": 16},
         {"persistent": 1, "p_bv": 32}, {"persistent": 1, "p_warps": 4},
-        {"persistent": 1, "p_bn": 16, "p_bn_mlp": 16}, {"persistent": 1, "prefetch": 0},
-        {"persistent": 1, "p_ahead": 2, "p_bv": 32, "p_bn_mlp": 16},
-        {"persistent": 1, "p_staged": 1},
+        {"persistent": 1, "p_bn": 16, "p_bn_mlp": 16}, {"persistent": 1, "p_staged": 1},
         {"stages_small": 4}, {"attend_o": 256}, {"attend_o": 256, "early": 2, "stages_small": 4})
     sweep: dict[str, float] = {}
     for tiles in variants:
@@ -311,7 +311,8 @@ def tile_sweep(model: Any, prompt: list[int], new: int, out: dict[str, Any],
     save()
     # where the persistent step's time goes: each program's clocks at each grid barrier
     traces: dict[str, Any] = {}
-    for tiles in ({"persistent": 1, "p_trace": 1}, {"persistent": 1, "p_trace": 1, "p_ahead": 2}):
+    for fuse in (0, 1):  # five stages a layer; gate/up and down as one
+        tiles = {"persistent": 1, "p_trace": 1, "p_fuse_mlp": fuse}
         name = ",".join(f"{k}={v}" for k, v in sorted(tiles.items()))
         try:
             dec = StaticDecoder(model, slots=1, max_len=1024, kernels="triton")

@@ -36,12 +36,14 @@ kernels_run = pytest.mark.skipif(not (CUDA or INTERPRETED),
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def tiny32(kind: str = "llama", dtype: Any = None) -> Any:
-    """A tiny model with head_dim 32 (the kernels need a power of two >= 32)."""
+def tiny32(kind: str = "llama", dtype: Any = None, biases: bool = False) -> Any:
+    """A tiny model with head_dim 32 (the kernels need a power of two >= 32); biases: a
+    llama with a bias on every linear (attention_bias, mlp_bias)."""
     cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[kind]
+    extra = {"attention_bias": True, "mlp_bias": True} if biases else {}
     cfg = cfg_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=128,
-                  max_position_embeddings=512, initializer_range=0.2)
+                  max_position_embeddings=512, initializer_range=0.2, **extra)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     return model.to(device=DEVICE, dtype=dtype or torch.float32).eval()

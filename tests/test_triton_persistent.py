@@ -28,6 +28,8 @@ ONE = {"persistent": 1}
 STAGED = {"persistent": 1, "p_staged": 1, "p_programs": 3}  # several programs, no barriers
 AHEAD = {"persistent": 1, "p_ahead": 1}  # weights loaded a stage early
 AT_BARRIER = {"persistent": 1, "p_ahead": 2}  # weights loaded between arrival and wait
+FUSED = {"persistent": 1, "p_fuse_mlp": 1}  # gate/up + down in one stage, split-K sums
+FUSED_STAGED = {**STAGED, "p_fuse_mlp": 1, "p_ahead": 1}
 
 
 def launched(dec: StaticDecoder, prompt: list[int], n: int, steps: int = 3,
@@ -53,14 +55,27 @@ def decoder(model: Any, tiles: dict[str, int], **kwargs: Any) -> StaticDecoder:
 
 @kernels_run
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: q/k/v biases
-@pytest.mark.parametrize("tiles", [ONE, STAGED, AHEAD, AT_BARRIER],
-                         ids=["one_program", "staged", "ahead", "at_barrier"])
+@pytest.mark.parametrize("tiles", [ONE, STAGED, AHEAD, AT_BARRIER, FUSED, FUSED_STAGED],
+                         ids=["one_program", "staged", "ahead", "at_barrier", "fused_mlp",
+                              "fused_mlp_staged"])
 def test_the_one_row_step_equals_transformers_greedy(kind: str, tiles: dict[str, int]) -> None:
     model = tiny32(kind)
     dec = decoder(model, tiles)
-    for prompt in PROMPTS[:1 if tiles is STAGED else 2]:  # (staged: 12 launches a step)
+    for prompt in PROMPTS[:1 if tiles.get("p_staged") else 2]:  # (staged: a launch a stage)
         assert launched(dec, prompt, 10) == reference(model, prompt, 10)
     assert dec._one_row is not None and dec._one_row.healthy()
+    assert "persistent_note" not in dec.stats
+
+
+@kernels_run
+@pytest.mark.parametrize("tiles", [ONE, FUSED_STAGED], ids=["one_program", "fused_mlp_staged"])
+def test_the_one_row_step_adds_every_bias_as_transformers(tiles: dict[str, int]) -> None:
+    """A llama with biases on q/k/v, o, gate/up and down (the fused MLP adds the down
+    bias in the stage after it)."""
+    model = tiny32(biases=True)
+    assert model.model.layers[0].mlp.down_proj.bias is not None
+    dec = decoder(model, tiles)
+    assert launched(dec, PROMPTS[1], 8) == reference(model, PROMPTS[1], 8)
     assert "persistent_note" not in dec.stats
 
 
@@ -73,7 +88,8 @@ def test_the_one_row_step_splits_attention_over_a_long_window() -> None:
     prompt = [(7 * i + 3) % 128 for i in range(150)]
     want = launched(decoder(model, {}), prompt, 8, steps=4)
     for tiles in ({**STAGED, "p_splits": 8}, {**STAGED, "p_splits": 2, "p_bn": 16, "p_ahead": 1,
-                                              "p_bv": 32, "p_bh": 16, "p_bn_mlp": 4}):
+                                              "p_bv": 32, "p_bh": 16, "p_bn_mlp": 4},
+                  {**FUSED_STAGED, "p_bn_mlp": 16}):
         dec = decoder(model, tiles)
         assert dec.window_for(len(prompt) + 8) == 256
         assert launched(dec, prompt, 8, steps=4) == want
@@ -147,6 +163,11 @@ def test_the_one_row_step_compiles_for_an_h100() -> None:
         assert ptx.count("ld.global.v4") >= 10  # vectorized weight loads
         assert ptx.count("prefetch.global.L2") >= 5  # the next layer's four, the head
         assert "%globaltimer" not in ptx and "%clock64" not in ptx  # untraced
+        assert not re.search(r"(red|atom)\.global\.gpu\.relaxed\.add\.v4\.f32", ptx)
+    # the fused MLP: the down projection's shares summed in L2, 4 floats an atomic add
+    fused = compile_for_gpu(90, "bf16", tiles={"p_fuse_mlp": 1, "p_ahead": 2})
+    assert fused["shared_bytes"] <= 227 * 1024
+    assert re.search(r"(red|atom)\.global\.gpu\.relaxed\.add\.v4\.f32", fused["ptx"])
     staged = compile_for_gpu(90, "bf16", staged_pdl=True)["ptx"]  # stages as PDL launches
     assert "griddepcontrol.wait" in staged and "atom.global" not in staged
     # traced (p_trace): both clocks at the start, at each barrier's arrival and going on
@@ -187,6 +208,11 @@ def test_a_trace_adds_up_to_the_step_and_names_each_stage() -> None:
     assert attend["wake_spread_us"] == 0.001 and attend["arrival_spread_us"] == 0.005
     with pytest.raises(ValueError, match=r"a trace of 2 layers is \[14, programs, 4\]"):
         trace_summary(raw, layers=2)
+    raw[4] = 0  # the fused MLP: no barrier before the (empty) down stage
+    got = trace_summary(raw, layers=1)
+    assert list(got["stages"]) == ["qkv", "attend", "o", "mlp", "head", "pick"]
+    assert got["barriers"] == 5 and got["stages"]["mlp"]["work_us"] == 0.195
+    assert got["step_us"] == 0.705 and got["barrier_us"] == 0.025
 
 
 @pytest.mark.slow
@@ -204,8 +230,8 @@ def test_the_persistent_step_in_the_interpreter() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("tiles", [ONE, AHEAD, AT_BARRIER],
-                         ids=["in_stage", "ahead", "at_barrier"])
+@pytest.mark.parametrize("tiles", [ONE, AHEAD, AT_BARRIER, FUSED],
+                         ids=["in_stage", "ahead", "at_barrier", "fused_mlp"])
 def test_the_one_row_step_on_the_gpu_with_every_sm(dtype: str, tiles: dict[str, int]) -> None:
     """One program per SM, grid barriers, CUDA graphs: float32 gives transformers'
     tokens; bfloat16 the layer kernels' first ones (its own summation order rounds
@@ -227,16 +253,20 @@ def test_the_one_row_step_on_the_gpu_with_every_sm(dtype: str, tiles: dict[str, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_a_traced_step_gives_the_same_tokens_and_times_every_barrier() -> None:
+@pytest.mark.parametrize("tiles", [ONE, FUSED], ids=["five_stages", "fused_mlp"])
+def test_a_traced_step_gives_the_same_tokens_and_times_every_barrier(
+        tiles: dict[str, int]) -> None:
     model = tiny32(dtype=torch.float32)
-    dec = decoder(model, {**ONE, "p_trace": 1})
+    dec = decoder(model, {**tiles, "p_trace": 1})
     prompt = PROMPTS[0]
     assert launched(dec, prompt, 9, steps=4) == reference(model, prompt, 9)
     trace = dec.one_row_trace()
     assert trace is not None and dec._one_row.healthy()
     programs = dec._one_row.programs
     assert trace["programs"] == trace["sms"] == programs  # one program an SM
-    assert trace["barriers"] == dec._one_row.layers * 5 + 1
+    stages = 4 if tiles is FUSED else 5
+    assert trace["barriers"] == dec._one_row.layers * stages + 1
+    assert ("mlp" in trace["stages"]) == (tiles is FUSED)
     assert trace["step_us"] > 0 and trace["sm_ghz"] > 0
     assert abs(trace["barrier_us"] + trace["work_us"] - trace["step_us"]) < 0.01
     assert all(fig["own_cycles"] > 0 for fig in trace["stages"].values())
