@@ -663,7 +663,7 @@ if triton is not None:
                            _at(table_ptr, tl.maximum(layer - 1, 0), _DOWN_B, x_ptr), r_ptr,
                            layer > 0, HIDDEN, HP, HEADS, KV_HEADS, D, QKV_BIAS, BH, DOWN_BIAS,
                            FUSE)
-                if FUSE:  # this layer's sums start at 0 (last read two q/k/v stages ago)
+                if FUSE:  # this layer's sums start at 0 (last read by the last q/k/v stage)
                     if p == 0:
                         k = tl.arange(0, HP)
                         tl.store(acc_out + k, tl.zeros((HP,), tl.float32), mask=k < HIDDEN)
@@ -971,6 +971,7 @@ def trace_summary(raw: Any, layers: int) -> dict[str, Any]:
     work microseconds (they add up), the medians of each figure over the layers for
     each kind of stage, program 0's step and the barriers' sum in cycles, the programs
     and the distinct SMs they ran on, the SM clock (GHz) and the launch's skew."""
+    import itertools
     import statistics
 
     import torch
@@ -989,7 +990,7 @@ def trace_summary(raw: Any, layers: int) -> dict[str, Any]:
     barrier = work = barrier_cycles = 0
     # the stages that ran (the fused MLP's empty down stage has no barrier: no row)
     ran = [s for s in range(last + 1) if s == 0 or bool((arrive[s] != 0).any())]
-    for s, after in zip(ran, ran[1:]):
+    for s, after in itertools.pairwise(ran):
         kind = _KINDS[s % _STAGES] if s < layers * _STAGES else ("head", "pick")[s % _STAGES]
         if kind == "gate_up" and after == s + 2:
             kind = "mlp"  # gate/up and down as one stage (tile p_fuse_mlp)
