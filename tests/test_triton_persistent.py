@@ -263,7 +263,9 @@ def test_a_traced_step_gives_the_same_tokens_and_times_every_barrier(
     trace = dec.one_row_trace()
     assert trace is not None and dec._one_row.healthy()
     programs = dec._one_row.programs
-    assert trace["programs"] == trace["sms"] == programs  # one program an SM
+    # (the block scheduler puts them on distinct SMs in practice; the tiny model's
+    # kernel would fit several an SM, so that is not asserted)
+    assert trace["programs"] == programs and 1 <= trace["sms"] <= programs
     stages = 4 if tiles is FUSED else 5
     assert trace["barriers"] == dec._one_row.layers * stages + 1
     assert ("mlp" in trace["stages"]) == (tiles is FUSED)
