@@ -159,22 +159,27 @@ if triton is not None:
         return (nw * (x * inv).to(dt).to(tl.float32)).to(dt).to(tl.float32)
 
     @triton.jit
-    def _normed_row(x_ptr, nw_ptr, eps, HIDDEN: tl.constexpr, HP: tl.constexpr):
-        """The row x [HIDDEN] normed (`_normed`): float32 [HP], zeros past HIDDEN."""
+    def _row(x_ptr, HIDDEN: tl.constexpr, HP: tl.constexpr):
+        """The row x [HIDDEN] (written in this launch: from L2), float32 [HP], zeros past
+        HIDDEN."""
         k = tl.arange(0, HP)
-        x = tl.load(x_ptr + k, mask=k < HIDDEN, other=0.0, cache_modifier=".cg")
-        return _normed(x.to(tl.float32), nw_ptr, eps, x_ptr.dtype.element_ty, HIDDEN, HP)
+        return tl.load(x_ptr + k, mask=k < HIDDEN, other=0.0, cache_modifier=".cg").to(
+            tl.float32)
 
     @triton.jit
-    def _after_mlp(x_ptr, acc_ptr, b_ptr, HIDDEN: tl.constexpr, HP: tl.constexpr,
-                   HAS_BIAS: tl.constexpr):
-        """With the fused MLP: the residual x [HIDDEN] plus the down projection summed at
-        acc_ptr (float32) + bias, rounded as transformers' linear output and residual add
-        are: float32 [HP], zeros past HIDDEN."""
-        dt = x_ptr.dtype.element_ty
+    def _normed_row(x_ptr, nw_ptr, eps, HIDDEN: tl.constexpr, HP: tl.constexpr):
+        """The row x [HIDDEN] normed (`_normed`): float32 [HP], zeros past HIDDEN."""
+        return _normed(_row(x_ptr, HIDDEN, HP), nw_ptr, eps, x_ptr.dtype.element_ty, HIDDEN,
+                       HP)
+
+    @triton.jit
+    def _plus_mlp(x, acc_ptr, b_ptr, dt, HIDDEN: tl.constexpr, HP: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+        """With the fused MLP: the residual row x (`_row`) plus the down projection summed
+        at acc_ptr (float32) + bias, rounded as transformers' linear output and residual
+        add are: float32 [HP], zeros past HIDDEN."""
         k = tl.arange(0, HP)
         km = k < HIDDEN
-        x = tl.load(x_ptr + k, mask=km, other=0.0, cache_modifier=".cg").to(tl.float32)
         y = tl.load(acc_ptr + k, mask=km, other=0.0, cache_modifier=".cg")
         if HAS_BIAS:
             y += tl.load(b_ptr + k, mask=km, other=0.0).to(tl.float32)
@@ -266,25 +271,22 @@ if triton is not None:
         """Units of BH columns of one head's first rotary half and the same ones of its
         second: RMSNorm + q/k/v + bias + rotary + the cache write (w1, w2: the first
         unit's weights, `_qkv_first`). The input row is xin's, or (FUSE, mlp_in: after a
-        fused MLP) `_after_mlp`'s of x (xin), acc and the down bias, which program 0 also
+        fused MLP) that plus acc and the down bias (`_plus_mlp`), which program 0 also
         writes to r_ptr, the o stage's residual."""
         HALF: tl.constexpr = D // 2
         QS: tl.constexpr = HALF // BH
         units = (HEADS + 2 * KV_HEADS) * QS
         ins = _qkv_inputs(tl.minimum(p, units - 1), b_ptr, cos_ptr, sin_ptr, pos, D, HAS_BIAS,
                           BH)
+        dt = q_ptr.dtype.element_ty
+        x = _row(xin, HIDDEN, HP)
         if FUSE:
-            k = tl.arange(0, HP)
             if mlp_in:
-                x = _after_mlp(xin, acc_ptr, db_ptr, HIDDEN, HP, DOWN_BIAS)
+                x = _plus_mlp(x, acc_ptr, db_ptr, dt, HIDDEN, HP, DOWN_BIAS)
                 if p == 0:
-                    tl.store(r_ptr + k, x.to(r_ptr.dtype.element_ty), mask=k < HIDDEN)
-            else:
-                x = tl.load(xin + k, mask=k < HIDDEN, other=0.0, cache_modifier=".cg")
-                x = x.to(tl.float32)
-            h = _normed(x, nw_ptr, eps, q_ptr.dtype.element_ty, HIDDEN, HP)
-        else:
-            h = _normed_row(xin, nw_ptr, eps, HIDDEN, HP)
+                    k = tl.arange(0, HP)
+                    tl.store(r_ptr + k, x.to(dt), mask=k < HIDDEN)
+        h = _normed(x, nw_ptr, eps, dt, HIDDEN, HP)
         if p < units:
             _qkv_unit(w1, w2, h, ins, p, q_ptr, kc_ptr, vc_ptr, pos, slot, s_slot, s_head,
                       s_pos, HEADS, KV_HEADS, D, BH)
@@ -386,10 +388,10 @@ if triton is not None:
                       _add_inputs(cols, cm, b_ptr, xin, HAS_BIAS), cols, cm, x_ptr)
 
     @triton.jit
-    def _gate_up_unit(wg, wu, h, cols, cm, b_ptr, h_ptr, INTER: tl.constexpr,
+    def _silu_gate_up(wg, wu, h, cols, cm, b_ptr, dt, INTER: tl.constexpr,
                       HAS_BIAS: tl.constexpr):
-        """h[cols] = silu(gate) * up, from the unit's gate and up weight rows."""
-        dt = h_ptr.dtype.element_ty
+        """silu(gate) * up of the unit's columns (its gate and up weight rows times the
+        normed row h, + bias), in dt, rounded as transformers' are."""
         gate = _times(wg, h)
         up = _times(wu, h)
         if HAS_BIAS:
@@ -398,7 +400,14 @@ if triton is not None:
         gate = gate.to(dt).to(tl.float32)
         up = up.to(dt).to(tl.float32)
         act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)  # F.silu's rounding
-        tl.store(h_ptr + cols, (act * up).to(dt), mask=cm)
+        return (act * up).to(dt)
+
+    @triton.jit
+    def _gate_up_unit(wg, wu, h, cols, cm, b_ptr, h_ptr, INTER: tl.constexpr,
+                      HAS_BIAS: tl.constexpr):
+        """h[cols] = silu(gate) * up, from the unit's gate and up weight rows."""
+        tl.store(h_ptr + cols, _silu_gate_up(wg, wu, h, cols, cm, b_ptr,
+                                             h_ptr.dtype.element_ty, INTER, HAS_BIAS), mask=cm)
 
     @triton.jit
     def _down_first(w_ptr, p, limit, HIDDEN: tl.constexpr, INTER: tl.constexpr,
@@ -415,18 +424,11 @@ if triton is not None:
     @triton.jit
     def _mlp_unit(wg, wu, wd, h, cols, cm, b_ptr, acc_ptr, dt, HIDDEN: tl.constexpr,
                   HP: tl.constexpr, INTER: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """Fused MLP: the unit's silu(gate) * up columns (rounded as transformers' are)
-        times its slice wd of the down projection, added into the float32 sums at acc_ptr
-        (split-K: every unit adds its share of every output)."""
-        gate = _times(wg, h)
-        up = _times(wu, h)
-        if HAS_BIAS:
-            gate += tl.load(b_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-            up += tl.load(b_ptr + INTER + cols, mask=cm, other=0.0).to(tl.float32)
-        gate = gate.to(dt).to(tl.float32)
-        up = up.to(dt).to(tl.float32)
-        act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)  # F.silu's rounding
-        a = tl.where(cm, (act * up).to(dt).to(tl.float32), 0.0)
+        """Fused MLP: the unit's silu(gate) * up columns (`_silu_gate_up`) times its slice
+        wd of the down projection, added into the float32 sums at acc_ptr (split-K: every
+        unit adds its share of every output)."""
+        a = tl.where(cm, _silu_gate_up(wg, wu, h, cols, cm, b_ptr, dt, INTER,
+                                       HAS_BIAS).to(tl.float32), 0.0)
         n = tl.arange(0, HP)
         tl.atomic_add(acc_ptr + n, _times(wd, a), mask=n < HIDDEN, sem="relaxed", scope="gpu")
 
@@ -497,16 +499,15 @@ if triton is not None:
     def _stage_head(x_ptr, nw_ptr, w_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P, acc_ptr,
                     db_ptr, HIDDEN: tl.constexpr, HP: tl.constexpr, VOCAB: tl.constexpr,
                     BV: tl.constexpr, DOWN_BIAS: tl.constexpr, FUSE: tl.constexpr):
-        """Units of BV vocabulary rows: the logits of the normed row (FUSE: x after the
-        last fused MLP, `_after_mlp`) rounded as the lm_head's (EOS at -inf while the ban
+        """Units of BV vocabulary rows: the logits of the normed row (FUSE: x plus the
+        last fused MLP, `_plus_mlp`) rounded as the lm_head's (EOS at -inf while the ban
         lasts); the program's largest and the first index of it into best / bidx [p]
         (its units come in increasing order)."""
         dt = x_ptr.dtype.element_ty
+        x = _row(x_ptr, HIDDEN, HP)
         if FUSE:
-            h = _normed(_after_mlp(x_ptr, acc_ptr, db_ptr, HIDDEN, HP, DOWN_BIAS), nw_ptr, eps,
-                        dt, HIDDEN, HP)
-        else:
-            h = _normed_row(x_ptr, nw_ptr, eps, HIDDEN, HP)
+            x = _plus_mlp(x, acc_ptr, db_ptr, dt, HIDDEN, HP, DOWN_BIAS)
+        h = _normed(x, nw_ptr, eps, dt, HIDDEN, HP)
         best = tl.full((), float("-inf"), tl.float32)
         first = tl.full((), VOCAB, tl.int32)
         for u in range(p, tl.cdiv(VOCAB, BV), P):

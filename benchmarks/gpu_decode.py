@@ -276,6 +276,11 @@ def other_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
         save()
 
 
+def tiles_name(tiles: dict[str, int]) -> str:
+    """A sweep entry's key: its tile settings, as --tiles takes them ("default": none)."""
+    return ",".join(f"{k}={v}" for k, v in sorted(tiles.items())) or "default"
+
+
 def tile_sweep(model: Any, prompt: list[int], new: int, out: dict[str, Any],
                log: Any, save: Any) -> None:
     """The Triton decoder alone for a few tile settings at batch 1, same process (each
@@ -298,7 +303,7 @@ def tile_sweep(model: Any, prompt: list[int], new: int, out: dict[str, Any],
             out["triton_note"] = dec.stats.get("kernels_note")
             return
         dec.triton.tiles.update(tiles)
-        name = ",".join(f"{k}={v}" for k, v in sorted(tiles.items())) or "default"
+        name = tiles_name(tiles)
         try:
             sweep[name] = decoder_tok_s(dec, prompt, 1, new, 8, torch.cuda.synchronize)
         except Exception as e:  # noqa: BLE001  (e.g. a barrier that timed out: a figure lost)
@@ -320,7 +325,7 @@ def tile_sweep(model: Any, prompt: list[int], new: int, out: dict[str, Any],
     traces: dict[str, Any] = {}
     for fuse in (0, 1):  # five stages a layer; gate/up and down as one
         tiles = {"persistent": 1, "p_trace": 1, "p_fuse_mlp": fuse}
-        name = ",".join(f"{k}={v}" for k, v in sorted(tiles.items()))
+        name = tiles_name(tiles)
         try:
             dec = StaticDecoder(model, slots=1, max_len=1024, kernels="triton")
             assert dec.triton is not None
