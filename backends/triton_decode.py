@@ -623,7 +623,8 @@ def _pow2(n: int) -> int:
 # one-row batch's whole step as one persistent kernel (backends/
 # triton_persistent.py, whose p_* tiles these are; StaticDecoder greedy launches;
 # p_trace: it records when each program reaches and leaves each grid barrier;
-# p_fuse_mlp: its gate/up and down projections as one stage, a barrier fewer a layer).
+# p_fuse_mlp: its gate/up and down projections as one stage, a barrier fewer a layer;
+# p_staged: its stages as a kernel each, chained with PDL, no barriers).
 # A TritonLayers copies these at construction; benchmarks may change them first.
 DEFAULT_TILES = {"bn_small": 16, "bn_large": 64, "bk": 128, "warps": 4, "stages": 3,
                  "bk_small": 256, "warps_small": 4, "stages_small": 3, "qkv_split": 1,

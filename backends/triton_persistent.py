@@ -47,9 +47,13 @@ With the tile p_trace each program also records, at the start, at each barrier
 SM: `OneRowStep.trace` / `trace_summary` say how much of a step the barriers take
 against each kind of stage (GPU only: the clocks are inline PTX).
 
-On a CPU the interpreter runs programs one after another, so a barrier can't be
-met by more than one: tests run the step as one program, and (`staged`) each stage
-as its own launch of several programs, kernel boundaries standing in for barriers.
+With the tile p_staged the same stages run as a kernel each (`_one_stage`, layers * 5
++ 2 launches, 122 with p_fuse_mlp), each over its stage's units, chained with
+programmatic dependent launch: no barrier, and (p_ahead) a launch loads its weights
+while it waits for the one before it, which the layer kernels of `triton_decode` only
+prefetch to L2. On a CPU the interpreter runs programs one after another, so a barrier
+can't be met by more than one: tests run the step as one program, and staged with
+several programs a launch.
 """
 
 from typing import Any
@@ -100,34 +104,32 @@ if triton is not None:
             tl.store(at + 2, clock)
 
     @triton.jit
-    def _arrive(sync_ptr, SYNC: tl.constexpr, trace_at, TRACE: tl.constexpr):
+    def _arrive(sync_ptr, trace_at, TRACE: tl.constexpr):
         """This program's arrival at a grid barrier: the CTA's stores, then one release
         increment of the counter at sync_ptr (cooperative groups' grid sync, split in
         two so loads that don't depend on the barrier can go out before the wait).
         Traced: the time the CTA's work was done, at trace_at."""
-        if SYNC:
-            tl.debug_barrier()
-            _stamp(trace_at, TRACE)
-            tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+        tl.debug_barrier()
+        _stamp(trace_at, TRACE)
+        tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
 
     @triton.jit
-    def _wait(sync_ptr, target, limit, SYNC: tl.constexpr, trace_at, TRACE: tl.constexpr):
+    def _wait(sync_ptr, target, limit, trace_at, TRACE: tl.constexpr):
         """Poll the counter (one thread, acquire; its view shared through the CTA
         barrier) until it reaches `target` arrivals. Past `limit` polls it sets the flag
         at sync_ptr + 1 and goes on; returns the limit for the next barrier (0 after a
         timeout: the step is void, so later barriers don't each wait it out). Traced:
         the time the CTA goes on, at trace_at + 1."""
-        if SYNC:
+        seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+        spins = 0
+        while (seen < target) & (spins < limit):
             seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
-            spins = 0
-            while (seen < target) & (spins < limit):
-                seen = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
-                spins += 1
-            if seen < target:
-                tl.atomic_xchg(sync_ptr + 1, 1)
-                limit = limit * 0
-            tl.debug_barrier()
-            _stamp(trace_at + 1, TRACE)
+            spins += 1
+        if seen < target:
+            tl.atomic_xchg(sync_ptr + 1, 1)
+            limit = limit * 0
+        tl.debug_barrier()
+        _stamp(trace_at + 1, TRACE)
         return limit
 
     @triton.jit
@@ -496,13 +498,27 @@ if triton is not None:
                       _add_inputs(cols, cm, b_ptr, x_ptr, HAS_BIAS), cols, cm, x_ptr)
 
     @triton.jit
-    def _stage_head(x_ptr, nw_ptr, w_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P, acc_ptr,
-                    db_ptr, HIDDEN: tl.constexpr, HP: tl.constexpr, VOCAB: tl.constexpr,
-                    BV: tl.constexpr, DOWN_BIAS: tl.constexpr, FUSE: tl.constexpr):
+    def _head_unit(w, h, cols, ban, eos, best, first, dt, VOCAB: tl.constexpr):
+        """One unit of the head: its vocabulary rows w (`_rows`) times the normed row h,
+        rounded as the lm_head's logits (EOS at -inf while the ban lasts); (best, first)
+        moved on to the largest logit so far and the first index of it (units come in
+        increasing order)."""
+        cm = cols < VOCAB
+        logits = _times(w, h).to(dt).to(tl.float32)
+        banned = (cols == eos) & (ban > 0)
+        logits = tl.where(cm & ~banned, logits, float("-inf"))
+        top = tl.max(logits, axis=0)
+        at = tl.min(tl.where(logits == top, cols, VOCAB), axis=0)
+        return tl.maximum(top, best), tl.where(top > best, at, first)
+
+    @triton.jit
+    def _stage_head(wh, x_ptr, nw_ptr, w_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
+                    acc_ptr, db_ptr, HIDDEN: tl.constexpr, HP: tl.constexpr,
+                    VOCAB: tl.constexpr, BV: tl.constexpr, DOWN_BIAS: tl.constexpr,
+                    FUSE: tl.constexpr):
         """Units of BV vocabulary rows: the logits of the normed row (FUSE: x plus the
-        last fused MLP, `_plus_mlp`) rounded as the lm_head's (EOS at -inf while the ban
-        lasts); the program's largest and the first index of it into best / bidx [p]
-        (its units come in increasing order)."""
+        last fused MLP, `_plus_mlp`) (`_head_unit`); the program's largest and the first
+        index of it into best / bidx [p] (wh: the first unit's rows, `_cols_first`)."""
         dt = x_ptr.dtype.element_ty
         x = _row(x_ptr, HIDDEN, HP)
         if FUSE:
@@ -510,16 +526,14 @@ if triton is not None:
         h = _normed(x, nw_ptr, eps, dt, HIDDEN, HP)
         best = tl.full((), float("-inf"), tl.float32)
         first = tl.full((), VOCAB, tl.int32)
-        for u in range(p, tl.cdiv(VOCAB, BV), P):
+        units = tl.cdiv(VOCAB, BV)
+        if p < units:
+            best, first = _head_unit(wh, h, p * BV + tl.arange(0, BV), ban, eos, best, first,
+                                     dt, VOCAB)
+        for u in range(p + P, units, P):
             cols = u * BV + tl.arange(0, BV)
-            cm = cols < VOCAB
-            logits = _times(_rows(w_ptr, cols, cm, HIDDEN, HP), h).to(dt).to(tl.float32)
-            banned = (cols == eos) & (ban > 0)
-            logits = tl.where(cm & ~banned, logits, float("-inf"))
-            top = tl.max(logits, axis=0)
-            at = tl.min(tl.where(logits == top, cols, VOCAB), axis=0)
-            first = tl.where(top > best, at, first)
-            best = tl.maximum(top, best)
+            best, first = _head_unit(_rows(w_ptr, cols, cols < VOCAB, HIDDEN, HP), h, cols,
+                                     ban, eos, best, first, dt, VOCAB)
         tl.store(best_ptr + p, best)
         tl.store(bidx_ptr + p, first)
 
@@ -540,29 +554,27 @@ if triton is not None:
         tl.store(ban_ptr, tl.load(ban_ptr) - 1)
 
     @triton.jit
-    def _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC: tl.constexpr, trace_p,
-                       TRACE: tl.constexpr):
-        """The arrival at the grid barrier before stage s, when this launch runs it and
-        one before it: the arrivals that barrier waits for. (Traced: at the trace's row
-        s, see `trace_summary`.)"""
-        if (s > first) & (s < last):
+    def _arrive_before(s, sync_ptr, arrivals, P, trace_p, TRACE: tl.constexpr):
+        """The arrival at the grid barrier before stage s (none before stage 0): the
+        arrivals that barrier waits for. (Traced: at the trace's row s, see
+        `trace_summary`.)"""
+        if s > 0:
             arrivals += P
-            _arrive(sync_ptr, SYNC, trace_p + s * P * 4, TRACE)
+            _arrive(sync_ptr, trace_p + s * P * 4, TRACE)
         return arrivals
 
     @triton.jit
-    def _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC: tl.constexpr, trace_p,
-                     P, TRACE: tl.constexpr):
+    def _wait_before(s, sync_ptr, arrivals, limit, trace_p, P, TRACE: tl.constexpr):
         """The wait at the grid barrier before stage s (see `_arrive_before`): the next
         barrier's poll limit."""
-        if (s > first) & (s < last):
-            limit = _wait(sync_ptr, arrivals, limit, SYNC, trace_p + s * P * 4, TRACE)
+        if s > 0:
+            limit = _wait(sync_ptr, arrivals, limit, trace_p + s * P * 4, TRACE)
         return limit
 
     def _one_row_step(tok_ptr, pos_ptr, ban_ptr, out_ptr, slot_ptr, embed_ptr, table_ptr,
                       cos_ptr, sin_ptr, normf_ptr, head_ptr, x_ptr, q_ptr, part_ptr, ml_ptr,
                       h_ptr, acc_ptr, r_ptr, best_ptr, bidx_ptr, sync_ptr, trace_ptr, eps, eos,
-                      scale, s_slot, s_head, s_pos, chunk, splits, max_pos, first, last,
+                      scale, s_slot, s_head, s_pos, chunk, splits, max_pos,
                       LAYERS: tl.constexpr, HIDDEN: tl.constexpr, HEADS: tl.constexpr,
                       KV_HEADS: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
                       VOCAB: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr,
@@ -571,36 +583,34 @@ if triton is not None:
                       QKV_BIAS: tl.constexpr, O_BIAS: tl.constexpr, GU_BIAS: tl.constexpr,
                       DOWN_BIAS: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
                       BNG: tl.constexpr, BV: tl.constexpr, UPCAST: tl.constexpr,
-                      IEEE: tl.constexpr, SYNC: tl.constexpr, AHEAD: tl.constexpr = 0,
+                      IEEE: tl.constexpr, AHEAD: tl.constexpr = 0,
                       LINE: tl.constexpr = 64, PF_QKV: tl.constexpr = 0,
                       PF_O: tl.constexpr = 0, PF_GU: tl.constexpr = 0,
                       PF_DOWN: tl.constexpr = 0, PF_HEAD: tl.constexpr = 0,
-                      PDL: tl.constexpr = False, TRACE: tl.constexpr = 0,
-                      FUSE: tl.constexpr = 0):
-        """Grid (programs,): stages first..last-1 of the step (layer l's stage s is
-        l * 5 + s; the head LAYERS * 5, the pick LAYERS * 5 + 1), a grid barrier between
-        each two (SYNC; without it the caller launches one stage at a time). A program's
+                      TRACE: tl.constexpr = 0, FUSE: tl.constexpr = 0):
+        """Grid (programs,): every stage of the step (layer l's stage s is l * 5 + s; the
+        head LAYERS * 5, the pick LAYERS * 5 + 1), a grid barrier between each two (the
+        staged form, without barriers, is `_one_stage`). A program's
         first unit's weights of a stage are loaded right after the barrier before it
         (AHEAD 0); one stage earlier (1: the next layer's q/k/v during the gate/up
         stage, held in registers across it); or between its arrival at that barrier and
         its wait (2), so they arrive while it waits and the arrival's release does not
         wait for them. PF_*: lines of each weight a program prefetches to L2 for the
         next layer, and of the output embedding for the head (0: none), between its
-        arrival and its wait. PDL (one stage a launch only): launched with
-        programmatic dependent launch, waiting for the launch before. TRACE (one
-        launch of every stage only): each program's times into trace [last + 2, P, 4]
-        int64 (see `trace_summary`). FUSE: the gate/up and down stages as one
-        (`_stage_mlp`, split-K into acc [2, HIDDEN] float32, a buffer a layer in turn;
-        the next stage adds it to the residual; stage l * 5 + 4 is empty, and the o
-        stage's residual is r [HIDDEN], which the q/k/v stage writes)."""
-        _begin(PDL)
+        arrival and its wait. TRACE: each program's times into trace
+        [LAYERS * 5 + 4, P, 4] int64 (see `trace_summary`). FUSE: the
+        gate/up and down stages as one (`_stage_mlp`, split-K into acc [2, HIDDEN]
+        float32, a buffer a layer in turn; the next stage adds it to the residual;
+        stage l * 5 + 4 is empty, and the o stage's residual is r [HIDDEN], which the
+        q/k/v stage writes)."""
         p = tl.program_id(0)
         P = tl.num_programs(0)
         trace_p = trace_ptr + p * 4  # this program's column of the trace
-        if TRACE:  # the start (row first, as an arrival and a go) and the SM
-            _stamp(trace_p + first * P * 4, TRACE)
-            _stamp(trace_p + first * P * 4 + 1, TRACE)
-            tl.store(trace_p + (last + 1) * P * 4, smid().to(tl.int64))
+        LAST: tl.constexpr = LAYERS * 5 + 2  # stages
+        if TRACE:  # the start (row 0, as an arrival and a go) and the SM
+            _stamp(trace_p, TRACE)
+            _stamp(trace_p + 1, TRACE)
+            tl.store(trace_p + (LAST + 1) * P * 4, smid().to(tl.int64))
         tok = tl.load(tok_ptr)
         pos = tl.minimum(tl.load(pos_ptr), max_pos)
         slot = tl.load(slot_ptr).to(tl.int64)
@@ -612,10 +622,9 @@ if triton is not None:
         KO: tl.constexpr = HEADS * D
         arrivals = p * 0
         limit = tl.full((), _SPIN_LIMIT, tl.int32)
-        start = tl.minimum(first // 5, LAYERS)
-        wq1, wq2 = _qkv_first(_at(table_ptr, tl.minimum(start, LAYERS - 1), _QKV_W, x_ptr),
-                              p, Q_UNITS * (AHEAD == 1) * (start < LAYERS), HIDDEN, HP, D, BH)
-        for layer in range(start, tl.minimum(LAYERS, (last + 4) // 5)):
+        wq1, wq2 = _qkv_first(_at(table_ptr, 0, _QKV_W, x_ptr), p, Q_UNITS * (AHEAD == 1),
+                              HIDDEN, HP, D, BH)
+        for layer in range(0, LAYERS):
             s = layer * 5
             if layer == 0:  # the embedding row is the first layer's input
                 xin = embed_ptr + tok * HIDDEN
@@ -635,8 +644,7 @@ if triton is not None:
             gu_w = _at(table_ptr, layer, _GU_W, x_ptr)
             down_w = _at(table_ptr, layer, _DOWN_W, x_ptr)
             # 1. RMSNorm + q/k/v + rotary + cache write
-            arrivals = _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC,
-                                      trace_p, TRACE)
+            arrivals = _arrive_before(s, sync_ptr, arrivals, P, trace_p, TRACE)
             if PF_QKV > 0:  # the next layer's weights to L2, a share each program
                 if layer + 1 < LAYERS:  # (a unit of one line: a share of the matrix)
                     nxt = layer + 1
@@ -650,127 +658,251 @@ if triton is not None:
                     _prefetch_units(_at(table_ptr, nxt, _DOWN_W, x_ptr), HIDDEN * INTER, p,
                                     P, LINE, LINE, PF_DOWN)
             if AHEAD == 0:
-                limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC,
-                                     trace_p, P, TRACE)
+                limit = _wait_before(s, sync_ptr, arrivals, limit, trace_p, P, TRACE)
             if AHEAD != 1:
                 wq1, wq2 = _qkv_first(qkv_w, p, Q_UNITS, HIDDEN, HP, D, BH)
             if AHEAD != 0:
-                limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC,
-                                     trace_p, P, TRACE)
-            if (s >= first) & (s < last):
-                _stage_qkv(wq1, wq2, xin, _at(table_ptr, layer, _NORM1, x_ptr), qkv_w,
-                           _at(table_ptr, layer, _QKV_B, x_ptr), cos_ptr, sin_ptr, q_ptr, kc,
-                           vc, pos, slot, eps, s_slot, s_head, s_pos, p, P, acc_in,
-                           _at(table_ptr, tl.maximum(layer - 1, 0), _DOWN_B, x_ptr), r_ptr,
-                           layer > 0, HIDDEN, HP, HEADS, KV_HEADS, D, QKV_BIAS, BH, DOWN_BIAS,
-                           FUSE)
-                if FUSE:  # this layer's sums start at 0 (last read by the last q/k/v stage)
-                    if p == 0:
-                        k = tl.arange(0, HP)
-                        tl.store(acc_out + k, tl.zeros((HP,), tl.float32), mask=k < HIDDEN)
+                limit = _wait_before(s, sync_ptr, arrivals, limit, trace_p, P, TRACE)
+            _stage_qkv(wq1, wq2, xin, _at(table_ptr, layer, _NORM1, x_ptr), qkv_w,
+                       _at(table_ptr, layer, _QKV_B, x_ptr), cos_ptr, sin_ptr, q_ptr, kc,
+                       vc, pos, slot, eps, s_slot, s_head, s_pos, p, P, acc_in,
+                       _at(table_ptr, tl.maximum(layer - 1, 0), _DOWN_B, x_ptr), r_ptr,
+                       layer > 0, HIDDEN, HP, HEADS, KV_HEADS, D, QKV_BIAS, BH, DOWN_BIAS,
+                       FUSE)
+            if FUSE:  # this layer's sums start at 0 (last read by the last q/k/v stage)
+                if p == 0:
+                    k = tl.arange(0, HP)
+                    tl.store(acc_out + k, tl.zeros((HP,), tl.float32), mask=k < HIDDEN)
             if AHEAD == 1:
                 wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
             # 2. attention, split along the positions (no weights)
-            arrivals = _arrive_before(s + 1, first, last, sync_ptr, arrivals, P, SYNC,
-                                      trace_p, TRACE)
-            limit = _wait_before(s + 1, first, last, sync_ptr, arrivals, limit, SYNC,
-                                 trace_p, P, TRACE)
-            if (s + 1 >= first) & (s + 1 < last):
-                _stage_attend(q_ptr, kc, vc, part_ptr, ml_ptr, pos + 1, slot, chunk, splits,
-                              scale, s_slot, s_head, s_pos, p, P, KV_HEADS, D, GROUP, BG, BL,
-                              BS, UPCAST, IEEE)
+            arrivals = _arrive_before(s + 1, sync_ptr, arrivals, P, trace_p, TRACE)
+            limit = _wait_before(s + 1, sync_ptr, arrivals, limit, trace_p, P, TRACE)
+            _stage_attend(q_ptr, kc, vc, part_ptr, ml_ptr, pos + 1, slot, chunk, splits,
+                          scale, s_slot, s_head, s_pos, p, P, KV_HEADS, D, GROUP, BG, BL,
+                          BS, UPCAST, IEEE)
             if AHEAD == 1:
                 wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
                 wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
                 if FUSE:
                     wdm = _down_first(down_w, p, G_UNITS, HIDDEN, INTER, HP, BNG)
             # 3. the splits combined + o projection + residual
-            arrivals = _arrive_before(s + 2, first, last, sync_ptr, arrivals, P, SYNC,
-                                      trace_p, TRACE)
+            arrivals = _arrive_before(s + 2, sync_ptr, arrivals, P, trace_p, TRACE)
             if AHEAD == 0:
-                limit = _wait_before(s + 2, first, last, sync_ptr, arrivals, limit, SYNC,
-                                     trace_p, P, TRACE)
+                limit = _wait_before(s + 2, sync_ptr, arrivals, limit, trace_p, P, TRACE)
             if AHEAD != 1:
                 wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
             if AHEAD != 0:
-                limit = _wait_before(s + 2, first, last, sync_ptr, arrivals, limit, SYNC,
-                                     trace_p, P, TRACE)
-            if (s + 2 >= first) & (s + 2 < last):
-                _stage_o(wo, part_ptr, ml_ptr, o_w, _at(table_ptr, layer, _O_B, x_ptr), res,
-                         x_ptr, splits, p, P, HIDDEN, HEADS, HH, D, BS, O_BIAS, BN)
+                limit = _wait_before(s + 2, sync_ptr, arrivals, limit, trace_p, P, TRACE)
+            _stage_o(wo, part_ptr, ml_ptr, o_w, _at(table_ptr, layer, _O_B, x_ptr), res,
+                     x_ptr, splits, p, P, HIDDEN, HEADS, HH, D, BS, O_BIAS, BN)
             if (AHEAD == 1) & (FUSE == 0):
                 wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
             # 4. RMSNorm + gate/up + SiLU(gate) * up (FUSE: + its share of the down
             # projection, summed into acc_out)
-            arrivals = _arrive_before(s + 3, first, last, sync_ptr, arrivals, P, SYNC,
-                                      trace_p, TRACE)
+            arrivals = _arrive_before(s + 3, sync_ptr, arrivals, P, trace_p, TRACE)
             if AHEAD == 0:
-                limit = _wait_before(s + 3, first, last, sync_ptr, arrivals, limit, SYNC,
-                                     trace_p, P, TRACE)
+                limit = _wait_before(s + 3, sync_ptr, arrivals, limit, trace_p, P, TRACE)
             if AHEAD != 1:
                 wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
                 wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
                 if FUSE:
                     wdm = _down_first(down_w, p, G_UNITS, HIDDEN, INTER, HP, BNG)
             if AHEAD != 0:
-                limit = _wait_before(s + 3, first, last, sync_ptr, arrivals, limit, SYNC,
-                                     trace_p, P, TRACE)
-            if (s + 3 >= first) & (s + 3 < last):
-                if FUSE:
-                    _stage_mlp(wg, wu, wdm, x_ptr, _at(table_ptr, layer, _NORM2, x_ptr), gu_w,
-                               _at(table_ptr, layer, _GU_B, x_ptr), down_w, acc_out, eps, p, P,
+                limit = _wait_before(s + 3, sync_ptr, arrivals, limit, trace_p, P, TRACE)
+            if FUSE:
+                _stage_mlp(wg, wu, wdm, x_ptr, _at(table_ptr, layer, _NORM2, x_ptr), gu_w,
+                           _at(table_ptr, layer, _GU_B, x_ptr), down_w, acc_out, eps, p, P,
+                           HIDDEN, HP, INTER, GU_BIAS, BNG)
+            else:
+                _stage_gate_up(wg, wu, x_ptr, _at(table_ptr, layer, _NORM2, x_ptr), gu_w,
+                               _at(table_ptr, layer, _GU_B, x_ptr), h_ptr, eps, p, P,
                                HIDDEN, HP, INTER, GU_BIAS, BNG)
-                else:
-                    _stage_gate_up(wg, wu, x_ptr, _at(table_ptr, layer, _NORM2, x_ptr), gu_w,
-                                   _at(table_ptr, layer, _GU_B, x_ptr), h_ptr, eps, p, P,
-                                   HIDDEN, HP, INTER, GU_BIAS, BNG)
             if AHEAD == 1:  # the next layer's first q/k/v unit
                 nxt = tl.minimum(layer + 1, LAYERS - 1)
                 wq1, wq2 = _qkv_first(_at(table_ptr, nxt, _QKV_W, x_ptr), p,
                                       Q_UNITS * (layer + 1 < LAYERS), HIDDEN, HP, D, BH)
             # 5. down projection + residual (FUSE: done in 4)
             if FUSE == 0:
-                arrivals = _arrive_before(s + 4, first, last, sync_ptr, arrivals, P, SYNC,
-                                          trace_p, TRACE)
+                arrivals = _arrive_before(s + 4, sync_ptr, arrivals, P, trace_p, TRACE)
                 if AHEAD == 0:
-                    limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC,
-                                         trace_p, P, TRACE)
+                    limit = _wait_before(s + 4, sync_ptr, arrivals, limit, trace_p, P, TRACE)
                 if AHEAD != 1:
                     wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
                 if AHEAD != 0:
-                    limit = _wait_before(s + 4, first, last, sync_ptr, arrivals, limit, SYNC,
-                                         trace_p, P, TRACE)
-                if (s + 4 >= first) & (s + 4 < last):
-                    _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, _DOWN_B, x_ptr),
-                                x_ptr, p, P, HIDDEN, INTER, IP, DOWN_BIAS, BN)
+                    limit = _wait_before(s + 4, sync_ptr, arrivals, limit, trace_p, P, TRACE)
+                _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, _DOWN_B, x_ptr),
+                            x_ptr, p, P, HIDDEN, INTER, IP, DOWN_BIAS, BN)
         # 6. the final RMSNorm + lm_head, each program's largest logit (its rows asked of
         # L2 all at once at the barrier: it walks them one unit after another)
         s = LAYERS * 5
-        arrivals = _arrive_before(s, first, last, sync_ptr, arrivals, P, SYNC,
-                                  trace_p, TRACE)
+        arrivals = _arrive_before(s, sync_ptr, arrivals, P, trace_p, TRACE)
         if PF_HEAD > 0:
             _prefetch_units(head_ptr, VOCAB * HIDDEN, p, P, BV * HIDDEN, LINE, PF_HEAD)
-        limit = _wait_before(s, first, last, sync_ptr, arrivals, limit, SYNC,
-                             trace_p, P, TRACE)
-        if (s >= first) & (s < last):
-            _stage_head(x_ptr, normf_ptr, head_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
-                        acc_ptr + ((LAYERS - 1) % 2) * HIDDEN,
+        limit = _wait_before(s, sync_ptr, arrivals, limit, trace_p, P, TRACE)
+        wh = _cols_first(head_ptr, 0, p, (VOCAB + BV - 1) // BV, VOCAB, HIDDEN, HP, BV)
+        _stage_head(wh, x_ptr, normf_ptr, head_ptr, best_ptr, bidx_ptr, ban, eos, eps, p, P,
+                    acc_ptr + ((LAYERS - 1) % 2) * HIDDEN,
+                    _at(table_ptr, LAYERS - 1, _DOWN_B, x_ptr), HIDDEN, HP, VOCAB, BV,
+                    DOWN_BIAS, FUSE)
+        # 7. the pick
+        arrivals = _arrive_before(s + 1, sync_ptr, arrivals, P, trace_p, TRACE)
+        limit = _wait_before(s + 1, sync_ptr, arrivals, limit, trace_p, P, TRACE)
+        if p == 0:
+            _stage_pick(best_ptr, bidx_ptr, out_ptr, tok_ptr, pos_ptr, ban_ptr, P, VOCAB, BP)
+        if TRACE:  # the end (row LAST)
+            tl.debug_barrier()
+            _stamp(trace_p + LAST * P * 4, TRACE)
+
+    _jitted_step = triton.jit(_one_row_step, do_not_specialize=["chunk", "splits"])
+    OTHER_KERNELS.append(_jitted_step)  # counted by triton_decode.compiled_variants
+
+    def _one_stage(tok_ptr, pos_ptr, ban_ptr, out_ptr, slot_ptr, embed_ptr, table_ptr,
+                   cos_ptr, sin_ptr, normf_ptr, head_ptr, x_ptr, q_ptr, part_ptr, ml_ptr,
+                   h_ptr, acc_ptr, r_ptr, best_ptr, bidx_ptr, eps, eos, scale, s_slot, s_head,
+                   s_pos, chunk, splits, max_pos, layer, picks, KIND: tl.constexpr,
+                   LAYERS: tl.constexpr, HIDDEN: tl.constexpr, HEADS: tl.constexpr,
+                   KV_HEADS: tl.constexpr, D: tl.constexpr, INTER: tl.constexpr,
+                   VOCAB: tl.constexpr, GROUP: tl.constexpr, BG: tl.constexpr,
+                   BL: tl.constexpr, BS: tl.constexpr, HH: tl.constexpr, HP: tl.constexpr,
+                   IP: tl.constexpr, BP: tl.constexpr, QKV_BIAS: tl.constexpr,
+                   O_BIAS: tl.constexpr, GU_BIAS: tl.constexpr, DOWN_BIAS: tl.constexpr,
+                   BH: tl.constexpr, BN: tl.constexpr, BNG: tl.constexpr, BV: tl.constexpr,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr, AHEAD: tl.constexpr = 0,
+                   LINE: tl.constexpr = 64, PF_QKV: tl.constexpr = 0, PF_O: tl.constexpr = 0,
+                   PF_GU: tl.constexpr = 0, PF_DOWN: tl.constexpr = 0,
+                   PF_HEAD: tl.constexpr = 0, PDL: tl.constexpr = False,
+                   TRACE: tl.constexpr = 0, FUSE: tl.constexpr = 0):
+        """One stage of the step as its own launch (tile p_staged), the stages of
+        `_one_row_step` without its barriers: KIND 0-4 layer `layer`'s q/k/v, attention,
+        o, gate/up (FUSE: the fused MLP) and down; 5 the head, over `picks` programs; 6
+        the pick. Grid: the stage's units (fewer: each program walks several). With PDL
+        a launch may start while the one before it runs: it waits for it (`_begin`)
+        before loading anything a launch writes; its first unit's weights are loaded
+        before that wait (AHEAD 1 or 2), so they arrive while it waits, or after it (0).
+        The q/k/v stage asks L2 for the next layer's weights (PF_*) before its wait.
+        (PF_HEAD and TRACE: `_constants`' for the one-launch step, unused here.)"""
+        p = tl.program_id(0)
+        P = tl.num_programs(0)
+        EARLY: tl.constexpr = AHEAD != 0
+        QS: tl.constexpr = D // 2 // BH
+        KO: tl.constexpr = HEADS * D
+        acc_in = acc_ptr + ((layer + 1) % 2) * HIDDEN  # FUSE: the last layer's MLP sums
+        acc_out = acc_ptr + (layer % 2) * HIDDEN  # and this one's
+        if KIND == 0:  # RMSNorm + q/k/v + rotary + the cache write
+            Q_UNITS: tl.constexpr = (HEADS + 2 * KV_HEADS) * QS
+            qkv_w = _at(table_ptr, layer, _QKV_W, x_ptr)
+            if PF_QKV > 0:  # the next layer's weights to L2, a share each program
+                if layer + 1 < LAYERS:
+                    nxt = layer + 1
+                    _prefetch_units(_at(table_ptr, nxt, _QKV_W, x_ptr),
+                                    (HEADS + 2 * KV_HEADS) * D * HIDDEN, p, P, LINE, LINE,
+                                    PF_QKV)
+                    _prefetch_units(_at(table_ptr, nxt, _O_W, x_ptr), HIDDEN * KO, p, P,
+                                    LINE, LINE, PF_O)
+                    _prefetch_units(_at(table_ptr, nxt, _GU_W, x_ptr), 2 * INTER * HIDDEN,
+                                    p, P, LINE, LINE, PF_GU)
+                    _prefetch_units(_at(table_ptr, nxt, _DOWN_W, x_ptr), HIDDEN * INTER, p,
+                                    P, LINE, LINE, PF_DOWN)
+            if EARLY:
+                wq1, wq2 = _qkv_first(qkv_w, p, Q_UNITS, HIDDEN, HP, D, BH)
+            _begin(PDL)
+            if not EARLY:
+                wq1, wq2 = _qkv_first(qkv_w, p, Q_UNITS, HIDDEN, HP, D, BH)
+            tok = tl.load(tok_ptr)
+            pos = tl.minimum(tl.load(pos_ptr), max_pos)
+            slot = tl.load(slot_ptr).to(tl.int64)
+            if layer == 0:  # the embedding row is the first layer's input
+                xin = embed_ptr + tok * HIDDEN
+            else:
+                xin = x_ptr
+            _stage_qkv(wq1, wq2, xin, _at(table_ptr, layer, _NORM1, x_ptr), qkv_w,
+                       _at(table_ptr, layer, _QKV_B, x_ptr), cos_ptr, sin_ptr, q_ptr,
+                       _at(table_ptr, layer, _K, x_ptr), _at(table_ptr, layer, _V, x_ptr), pos,
+                       slot, eps, s_slot, s_head, s_pos, p, P, acc_in,
+                       _at(table_ptr, tl.maximum(layer - 1, 0), _DOWN_B, x_ptr), r_ptr,
+                       layer > 0, HIDDEN, HP, HEADS, KV_HEADS, D, QKV_BIAS, BH, DOWN_BIAS, FUSE)
+            if FUSE:  # this layer's sums start at 0 (last read by the last q/k/v stage)
+                if p == 0:
+                    k = tl.arange(0, HP)
+                    tl.store(acc_out + k, tl.zeros((HP,), tl.float32), mask=k < HIDDEN)
+        elif KIND == 1:  # attention, split along the positions
+            kc = _at(table_ptr, layer, _K, x_ptr)
+            vc = _at(table_ptr, layer, _V, x_ptr)
+            _begin(PDL)
+            pos = tl.minimum(tl.load(pos_ptr), max_pos)
+            slot = tl.load(slot_ptr).to(tl.int64)
+            _stage_attend(q_ptr, kc, vc, part_ptr, ml_ptr, pos + 1, slot, chunk, splits, scale,
+                          s_slot, s_head, s_pos, p, P, KV_HEADS, D, GROUP, BG, BL, BS, UPCAST,
+                          IEEE)
+        elif KIND == 2:  # the splits combined + o projection + residual
+            O_UNITS: tl.constexpr = (HIDDEN + BN - 1) // BN
+            o_w = _at(table_ptr, layer, _O_W, x_ptr)
+            if EARLY:
+                wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
+            _begin(PDL)
+            if not EARLY:
+                wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
+            if layer == 0:
+                res = embed_ptr + tl.load(tok_ptr) * HIDDEN
+            elif FUSE:  # x + the last layer's MLP, as the q/k/v stage wrote it
+                res = r_ptr
+            else:
+                res = x_ptr
+            _stage_o(wo, part_ptr, ml_ptr, o_w, _at(table_ptr, layer, _O_B, x_ptr), res, x_ptr,
+                     splits, p, P, HIDDEN, HEADS, HH, D, BS, O_BIAS, BN)
+        elif KIND == 3:  # RMSNorm + gate/up + SiLU(gate) * up (FUSE: + down, split-K)
+            G_UNITS: tl.constexpr = (INTER + BNG - 1) // BNG
+            gu_w = _at(table_ptr, layer, _GU_W, x_ptr)
+            down_w = _at(table_ptr, layer, _DOWN_W, x_ptr)
+            if EARLY:
+                wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+                wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+                if FUSE:
+                    wdm = _down_first(down_w, p, G_UNITS, HIDDEN, INTER, HP, BNG)
+            _begin(PDL)
+            if not EARLY:
+                wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+                wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+                if FUSE:
+                    wdm = _down_first(down_w, p, G_UNITS, HIDDEN, INTER, HP, BNG)
+            if FUSE:
+                _stage_mlp(wg, wu, wdm, x_ptr, _at(table_ptr, layer, _NORM2, x_ptr), gu_w,
+                           _at(table_ptr, layer, _GU_B, x_ptr), down_w, acc_out, eps, p, P,
+                           HIDDEN, HP, INTER, GU_BIAS, BNG)
+            else:
+                _stage_gate_up(wg, wu, x_ptr, _at(table_ptr, layer, _NORM2, x_ptr), gu_w,
+                               _at(table_ptr, layer, _GU_B, x_ptr), h_ptr, eps, p, P, HIDDEN,
+                               HP, INTER, GU_BIAS, BNG)
+        elif KIND == 4:  # down projection + residual
+            O_UNITS: tl.constexpr = (HIDDEN + BN - 1) // BN
+            down_w = _at(table_ptr, layer, _DOWN_W, x_ptr)
+            if EARLY:
+                wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
+            _begin(PDL)
+            if not EARLY:
+                wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
+            _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, _DOWN_B, x_ptr), x_ptr, p, P,
+                        HIDDEN, INTER, IP, DOWN_BIAS, BN)
+        elif KIND == 5:  # the final RMSNorm + lm_head, each program's largest logit
+            V_UNITS: tl.constexpr = (VOCAB + BV - 1) // BV
+            if EARLY:
+                wh = _cols_first(head_ptr, 0, p, V_UNITS, VOCAB, HIDDEN, HP, BV)
+            _begin(PDL)
+            if not EARLY:
+                wh = _cols_first(head_ptr, 0, p, V_UNITS, VOCAB, HIDDEN, HP, BV)
+            _stage_head(wh, x_ptr, normf_ptr, head_ptr, best_ptr, bidx_ptr, tl.load(ban_ptr),
+                        eos, eps, p, P, acc_ptr + ((LAYERS - 1) % 2) * HIDDEN,
                         _at(table_ptr, LAYERS - 1, _DOWN_B, x_ptr), HIDDEN, HP, VOCAB, BV,
                         DOWN_BIAS, FUSE)
-        # 7. the pick
-        arrivals = _arrive_before(s + 1, first, last, sync_ptr, arrivals, P, SYNC,
-                                  trace_p, TRACE)
-        limit = _wait_before(s + 1, first, last, sync_ptr, arrivals, limit, SYNC,
-                             trace_p, P, TRACE)
-        if (s + 1 >= first) & (s + 1 < last) & (p == 0):
-            _stage_pick(best_ptr, bidx_ptr, out_ptr, tok_ptr, pos_ptr, ban_ptr, P, VOCAB, BP)
-        if TRACE:  # the end (row last)
-            tl.debug_barrier()
-            _stamp(trace_p + last * P * 4, TRACE)
+        else:  # the pick
+            _begin(PDL)
+            _stage_pick(best_ptr, bidx_ptr, out_ptr, tok_ptr, pos_ptr, ban_ptr, picks, VOCAB,
+                        BP)
 
-    _jitted_step = triton.jit(_one_row_step, do_not_specialize=["chunk", "splits", "first",
-                                                                 "last"])
-    OTHER_KERNELS.append(_jitted_step)  # counted by triton_decode.compiled_variants
+    _jitted_stage = triton.jit(_one_stage, do_not_specialize=["chunk", "splits", "layer",
+                                                              "picks"])
+    OTHER_KERNELS.append(_jitted_stage)
 
 
 def _constants(layers: int, hidden: int, heads: int, kv_heads: int, d: int, inter: int,
@@ -827,13 +959,15 @@ class OneRowStep:
     half), p_bn (o and down projection columns a unit), p_bn_mlp (gate/up columns a
     unit), p_bv (vocabulary rows a unit), p_splits (attention splits at most), p_ahead
     (each stage's first weights loaded 0: after its barrier, 1: a stage early, 2:
-    between the arrival at its barrier and the wait), p_warps,
-    p_programs (0: one per SM on CUDA, 1 elsewhere), p_staged (one launch a stage, no
-    barriers: what the interpreter can run with several programs; on a GPU the same
-    one-row stages as layers * 5 + 2 kernels, 152 for SmolLM2, chained with PDL, to
-    compare), p_trace (each step records its programs' clocks at every barrier:
-    `trace`; CUDA only), p_fuse_mlp (gate/up and down as one split-K stage: a barrier
-    fewer a layer)."""
+    between the arrival at its barrier and the wait; staged, 1 and 2: before the wait
+    for the launch before), p_warps, p_programs (0: one per SM on CUDA, 1 elsewhere;
+    staged, the most programs a launch: 0 its units on CUDA), p_staged (one launch a
+    stage, `_one_stage`, no barriers: what the interpreter can run with several
+    programs; on a GPU the same one-row stages as layers * 5 + 2 kernels, 152 for
+    SmolLM2 (122 with p_fuse_mlp), each of its units' programs, chained with PDL, the
+    weights loaded while a launch waits for the one before it), p_trace (each step
+    records its programs' clocks at every barrier: `trace`; CUDA only), p_fuse_mlp
+    (gate/up and down as one split-K stage: a barrier fewer a layer)."""
 
     def __init__(self, layers: Any, fused: list[tuple], k: list[Any], v: list[Any],
                  embed: Any, norm_w: Any, head_w: Any, cos: Any, sin: Any, max_len: int,
@@ -879,11 +1013,23 @@ class OneRowStep:
         self.pdl = self.staged and layers.uses_pdl(self.device)
         self.layers = len(fused)
         hidden, inter = fused[0][3].shape[0], fused[0][8].shape[1]
-        self.consts = _constants(
-            self.layers, hidden, layers.heads, layers.kv_heads, layers.head_dim, inter,
-            head_w.shape[0], self.programs, t, self.dtype.itemsize,
-            tuple(fused[0][i] is not None for i in (2, 4, 7, 9)), cuda)
+        vocab = head_w.shape[0]
+        shapes = (self.layers, hidden, layers.heads, layers.kv_heads, layers.head_dim, inter,
+                  vocab)
+        biases = tuple(fused[0][i] is not None for i in (2, 4, 7, 9))
+        self.consts = _constants(*shapes, self.programs, t, self.dtype.itemsize, biases, cuda)
         self.bs = self.consts["BS"]
+        if self.staged:  # each launch its stage's units, p_programs at most where set
+            cap = int(t["p_programs"]) or (1 << 30 if cuda else 1)
+            c = self.consts
+            qkv = (layers.heads + 2 * layers.kv_heads) * (layers.head_dim // 2 // c["BH"])
+            self.grids = {kind: min(units, cap) for kind, units in (
+                (0, qkv), (2, triton.cdiv(hidden, c["BN"])), (3, triton.cdiv(inter, c["BNG"])),
+                (4, triton.cdiv(hidden, c["BN"])), (5, triton.cdiv(vocab, c["BV"])))}
+            self.cap = cap
+            # the prefetches shared by the q/k/v launch's programs, the pick over the head's
+            self.consts = {**_constants(*shapes, self.grids[0], t, self.dtype.itemsize, biases,
+                                        cuda), "BP": _pow2(self.grids[5])}
         self.eps, self.scale = layers.eps, layers.scale
         self.max_len, self.eos = int(max_len), eos
         self.embed, self.norm_w, self.head_w, self.cos, self.sin = embed, norm_w, head_w, cos, sin
@@ -897,8 +1043,9 @@ class OneRowStep:
         self.h = torch.empty(inter, dtype=self.dtype, device=dev)
         self.acc = torch.zeros((2, hidden), dtype=f32, device=dev)  # fused MLP sums
         self.r = torch.empty(hidden, dtype=self.dtype, device=dev)  # o's residual (fused)
-        self.best = torch.empty(self.programs, dtype=f32, device=dev)
-        self.bidx = torch.empty(self.programs, dtype=torch.int32, device=dev)
+        picks = self.grids[5] if self.staged else self.programs  # the head's programs
+        self.best = torch.empty(picks, dtype=f32, device=dev)
+        self.bidx = torch.empty(picks, dtype=torch.int32, device=dev)
         self.sync = torch.zeros(2, dtype=torch.int32, device=dev)  # arrivals, gave-up flag
         self.trace_buf = self.table  # (untraced: a stand-in of the pointer's type)
         if self.consts["TRACE"]:
@@ -917,24 +1064,24 @@ class OneRowStep:
         tokens[0]; pos[0] moves on by one and ban[0] counts down. No host sync: a CUDA
         graph can capture it."""
         chunk, splits = self.attention_split(window)
-        last = self.layers * _STAGES + 2
         args = (tokens, pos, ban, out, slots, self.embed, self.table, self.cos, self.sin,
                 self.norm_w, self.head_w, self.x, self.q, self.part, self.ml, self.h, self.acc,
                 self.r, self.best, self.bidx, self.sync, self.trace_buf, self.eps,
                 -1 if self.eos is None else self.eos,
                 self.scale, self.s_slot, self.s_head, self.s_pos, chunk, splits,
                 self.max_len - 1)
-        grid = (self.programs,)
         if self.staged:  # one launch a stage, chained with PDL where the GPU has it
             chained = {"PDL": True, "launch_pdl": True} if self.pdl else {}
-            for stage in range(last):
-                if self.consts["FUSE"] and stage < last - 2 and stage % _STAGES == 4:
-                    continue  # the fused MLP's down stage: empty
-                _jitted_step[grid](*args, stage, stage + 1, SYNC=False, **self.consts,
-                                   **chained)
+            grids = {**self.grids, 1: min(self.consts["KV_HEADS"] * splits, self.cap), 6: 1}
+            staged = args[:20] + args[22:]  # no barrier counter, no trace
+            kinds = (0, 1, 2, 3) if self.consts["FUSE"] else (0, 1, 2, 3, 4)
+            for layer, kind in [(i, k) for i in range(self.layers) for k in kinds] + [
+                    (0, 5), (0, 6)]:
+                _jitted_stage[(grids[kind],)](*staged, layer, grids[5], KIND=kind,
+                                              **self.consts, **chained)
             return
         self.sync[:1].zero_()
-        _jitted_step[grid](*args, 0, last, SYNC=True, **self.consts)
+        _jitted_step[(self.programs,)](*args, **self.consts)
 
     def healthy(self) -> bool:
         """Whether every barrier so far was met (False: a program was not resident, and
@@ -1023,16 +1170,20 @@ def trace_summary(raw: Any, layers: int) -> dict[str, Any]:
     }
 
 
+_STAGE_KINDS = ("qkv", "attend", "o", "gate_up", "down", "head", "pick")  # `_one_stage`'s
+
+
 def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, heads: int = 9,
                     kv_heads: int = 3, head_dim: int = 64, inter: int = 1536,
                     vocab: int = 49152, layers: int = 30, programs: int = 132,
                     tiles: dict[str, int] | None = None, bias: bool = False,
-                    staged_pdl: bool = False) -> dict[str, Any]:
+                    stage: str | None = None) -> dict[str, Any]:
     """Compile the one-row step for CUDA compute capability `arch` without a GPU
     (Triton's bundled ptxas), SmolLM2-135M's shapes by default, with `OneRowStep`'s
-    constants for the tiles (DEFAULT_TILES, then `tiles`; staged_pdl: as the staged
-    launches chained with PDL, no barriers): its cubin size, shared memory, registers
-    and spills a thread, and PTX. Raises if it does not lower."""
+    constants for the tiles (DEFAULT_TILES, then `tiles`); or (stage: one of
+    _STAGE_KINDS) that stage as the staged form's launch, chained with PDL: its cubin
+    size, shared memory, registers and spills a thread, and PTX. Raises if it does not
+    lower."""
     if triton is None:
         raise ValueError("triton is not installed")
     p, f, i = f"*{dtype}", "*fp32", "*i64"
@@ -1043,17 +1194,25 @@ def compile_for_gpu(arch: int = 90, dtype: str = "bf16", hidden: int = 576, head
                  "best_ptr": f, "bidx_ptr": "*i32", "sync_ptr": "*i32", "trace_ptr": i,
                  "eps": "fp32",
                  "eos": "i32", "scale": "fp32", "s_slot": "i32", "s_head": "i32",
-                 "s_pos": "i32", "chunk": "i32", "splits": "i32", "max_pos": "i32",
-                 "first": "i32", "last": "i32"}
+                 "s_pos": "i32", "chunk": "i32", "splits": "i32", "max_pos": "i32"}
     constexprs = _constants(layers, hidden, heads, kv_heads, head_dim, inter, vocab, programs,
                             {**DEFAULT_TILES, **(tiles or {})}, 4 if dtype == "fp32" else 2,
                             (bias,) * 4, gpu=True)
-    options = {"num_warps": constexprs.pop("num_warps"),
-               **({"launch_pdl": True} if staged_pdl else {})}
-    if staged_pdl and constexprs["TRACE"]:
-        raise ValueError("tile p_trace needs the one-launch step (not staged_pdl)")
-    constexprs.update(SYNC=not staged_pdl, PDL=staged_pdl)
-    compiled = compile_offline(_jitted_step, signature, constexprs, arch, options,
+    options = {"num_warps": constexprs.pop("num_warps")}
+    if stage is None:
+        fn = _jitted_step
+    else:
+        if stage not in _STAGE_KINDS:
+            raise ValueError(f"stage must be one of {_STAGE_KINDS}, got {stage!r}")
+        if constexprs["TRACE"]:
+            raise ValueError("tile p_trace needs the one-launch step (not a stage)")
+        fn = _jitted_stage
+        for name in ("sync_ptr", "trace_ptr"):
+            del signature[name]
+        signature.update(layer="i32", picks="i32")
+        constexprs.update(KIND=_STAGE_KINDS.index(stage), PDL=True)
+        options["launch_pdl"] = True
+    compiled = compile_offline(fn, signature, constexprs, arch, options,
                                aligned=("s_slot", "s_head", "s_pos"))
     return {"cubin_bytes": len(compiled.asm["cubin"]), "shared_bytes": compiled.metadata.shared,
             **_registers(compiled.asm["ptx"], arch), "ptx": compiled.asm["ptx"]}

@@ -23,7 +23,9 @@ generation_config.min_new_tokens, which both paths honour). In one process:
 3. the same engine on the PyTorch kernels (`*_torch` keys; --no-torch skips them
    here and below);
    the Triton decoder alone for a few tile settings at batch 1, the one-row
-   persistent step among them (`decoder_bs1_triton_sweep`; --no-sweep skips it),
+   persistent step among them (`decoder_bs1_triton_sweep`; --no-sweep skips it;
+   `decoder_bs1_triton_sweep_agree`: how many leading tokens each variant shares
+   with the default tiles', which bf16's near-ties of random weights may part),
    and the persistent step traced: its barriers' and stages' microseconds from
    each program's clocks (`decoder_bs1_persistent_trace`);
    --tiles sets tile defaults for the whole run, the engine's too;
@@ -225,21 +227,29 @@ def tile_settings(text: str) -> dict[str, int]:
 
 
 def decoder_tok_s(dec: Any, prompt: list[int], rows: int, count: int, steps: int,
-                  sync: Any) -> float:
+                  sync: Any, row0: list[int] | None = None) -> float:
     """Tokens/s of `dec` alone: `rows` copies of `prompt` prefilled, then `count` tokens
     each, `steps` per launch (greedy: as the engine decodes, without logits on the Triton
     kernels), each launch waited for; the second of two rounds (the first compiles and
-    captures)."""
+    captures). row0: given, row 0's tokens of that round are put in it."""
     for _ in range(2):
         tokens = dec.prefill(list(range(rows)), [prompt] * rows).argmax(-1).tolist()
-        pos, made = len(prompt), 0
+        pos, made, first = len(prompt), 0, [tokens[0]]
         sync()
         t0 = time.perf_counter()
         while made < count:
             toks = dec.launch(rows, tokens, [pos] * rows, steps=steps).tokens()
             tokens, pos, made = [t[-1] for t in toks], pos + steps, made + steps
+            first.extend(toks[0])
         sync()
+    if row0 is not None:
+        row0[:] = first
     return round(rows * made / (time.perf_counter() - t0), 1)
+
+
+def agreeing(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def other_rows(plain: Any, questions: list[str], prompt: list[int], new: int,
@@ -292,11 +302,18 @@ def tile_sweep(model: Any, prompt: list[int], new: int, out: dict[str, Any],
     variants = (
         {}, {"persistent": 1}, {"persistent": 1, "p_ahead": 1}, {"persistent": 1, "p_ahead": 2},
         {"persistent": 1, "p_fuse_mlp": 1}, {"persistent": 1, "p_fuse_mlp": 1, "p_ahead": 2},
+        # a kernel a stage, chained with PDL, weights loaded while a launch waits
+        {"persistent": 1, "p_staged": 1, "p_ahead": 2},
+        {"persistent": 1, "p_staged": 1, "p_ahead": 2, "p_fuse_mlp": 1},
+        {"persistent": 1, "p_staged": 1, "p_ahead": 2, "p_fuse_mlp": 1, "p_bv": 32},
+        {"persistent": 1, "p_staged": 1},
         {"persistent": 1, "p_fuse_mlp": 1, "p_bn_mlp": 16},
         {"persistent": 1, "p_bv": 32}, {"persistent": 1, "p_warps": 4},
-        {"persistent": 1, "p_bn": 16, "p_bn_mlp": 16}, {"persistent": 1, "p_staged": 1},
+        {"persistent": 1, "p_bn": 16, "p_bn_mlp": 16},
         {"stages_small": 4}, {"attend_o": 256}, {"attend_o": 256, "early": 2, "stages_small": 4})
     sweep: dict[str, float] = {}
+    agree: dict[str, int] = {}  # leading tokens equal to the default's (bf16: near-ties part)
+    reference: list[int] = []
     for tiles in variants:
         dec = StaticDecoder(model, slots=1, max_len=1024, kernels="triton")
         if dec.triton is None:
@@ -304,15 +321,19 @@ def tile_sweep(model: Any, prompt: list[int], new: int, out: dict[str, Any],
             return
         dec.triton.tiles.update(tiles)
         name = tiles_name(tiles)
+        made: list[int] = []
         try:
-            sweep[name] = decoder_tok_s(dec, prompt, 1, new, 8, torch.cuda.synchronize)
+            sweep[name] = decoder_tok_s(dec, prompt, 1, new, 8, torch.cuda.synchronize, made)
         except Exception as e:  # noqa: BLE001  (e.g. a barrier that timed out: a figure lost)
             out.setdefault("decoder_bs1_triton_sweep_errors", {})[name] = (
                 f"{type(e).__name__}: {str(e)[:300]}")
             log(f"triton decoder x1 {name}: {type(e).__name__}: {str(e)[:300]}")
             del dec
             continue
-        log(f"triton decoder x1 {name}: {sweep[name]} tok/s")
+        reference = reference or made  # the first variant's: the default tiles
+        agree[name] = agreeing(made, reference)
+        log(f"triton decoder x1 {name}: {sweep[name]} tok/s, {agree[name]}/{len(made)} "
+            "tokens as the default's")
         if tiles.get("persistent") and "persistent_note" in dec.stats:
             # it fell back: the figure is the layer kernels', say so
             out.setdefault("decoder_bs1_triton_sweep_notes", {})[name] = (
@@ -320,6 +341,7 @@ def tile_sweep(model: Any, prompt: list[int], new: int, out: dict[str, Any],
             log(f"  {dec.stats['persistent_note']}")
         del dec
         out["decoder_bs1_triton_sweep"] = sweep  # saved as it goes: a timeout keeps the rest
+        out["decoder_bs1_triton_sweep_agree"] = agree
         save()
     # where the persistent step's time goes: each program's clocks at each grid barrier
     traces: dict[str, Any] = {}

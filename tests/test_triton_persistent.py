@@ -30,6 +30,8 @@ AHEAD = {"persistent": 1, "p_ahead": 1}  # weights loaded a stage early
 AT_BARRIER = {"persistent": 1, "p_ahead": 2}  # weights loaded between arrival and wait
 FUSED = {"persistent": 1, "p_fuse_mlp": 1}  # gate/up + down in one stage, split-K sums
 FUSED_STAGED = {**STAGED, "p_fuse_mlp": 1, "p_ahead": 1}
+# a launch a stage, each its units' programs (PDL on a GPU: weights loaded before the wait)
+STAGE_LAUNCHES = {"persistent": 1, "p_staged": 1, "p_ahead": 2}
 
 
 def launched(dec: StaticDecoder, prompt: list[int], n: int, steps: int = 3,
@@ -168,8 +170,21 @@ def test_the_one_row_step_compiles_for_an_h100() -> None:
     fused = compile_for_gpu(90, "bf16", tiles={"p_fuse_mlp": 1, "p_ahead": 2})
     assert fused["shared_bytes"] <= 227 * 1024
     assert re.search(r"(red|atom)\.global\.gpu\.relaxed\.add\.v4\.f32", fused["ptx"])
-    staged = compile_for_gpu(90, "bf16", staged_pdl=True)["ptx"]  # stages as PDL launches
-    assert "griddepcontrol.wait" in staged and "atom.global" not in staged
+    # the staged form: a kernel a stage, chained with PDL, no barrier; with p_ahead its
+    # first unit's weights are loaded before the wait for the launch before, else after
+    for ahead, fuse in ((0, 0), (2, 0), (2, 1)):
+        for kind in ("qkv", "attend", "o", "gate_up", "down", "head", "pick"):
+            ptx = compile_for_gpu(90, "bf16", tiles={"p_ahead": ahead, "p_fuse_mlp": fuse},
+                                  stage=kind)["ptx"]
+            wait = ptx.index("griddepcontrol.wait")
+            assert "acquire" not in ptx and "release" not in ptx  # no grid barrier
+            atomics = re.findall(r"(red|atom)\.global\.gpu\.relaxed\.add\.v4\.f32", ptx)
+            assert bool(atomics) == (fuse and kind == "gate_up")  # the fused MLP's sums
+            if kind in ("qkv", "o", "gate_up", "down", "head"):
+                weights = ptx.index("ld.global.v4")
+                assert (weights < wait) == bool(ahead), (ahead, kind)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        compile_for_gpu(90, "bf16", stage="mlp")
     # traced (p_trace): both clocks at the start, at each barrier's arrival and going on
     # past it (the layer loop's 5, the head's and the pick's), and at the end; the SM once
     traced = compile_for_gpu(90, "bf16", tiles={"p_trace": 1})["ptx"]
@@ -230,12 +245,15 @@ def test_the_persistent_step_in_the_interpreter() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("tiles", [ONE, AHEAD, AT_BARRIER, FUSED],
-                         ids=["in_stage", "ahead", "at_barrier", "fused_mlp"])
+@pytest.mark.parametrize("tiles", [ONE, AHEAD, AT_BARRIER, FUSED, STAGE_LAUNCHES,
+                                   {**STAGE_LAUNCHES, "p_fuse_mlp": 1}],
+                         ids=["in_stage", "ahead", "at_barrier", "fused_mlp", "staged_pdl",
+                              "staged_pdl_fused_mlp"])
 def test_the_one_row_step_on_the_gpu_with_every_sm(dtype: str, tiles: dict[str, int]) -> None:
-    """One program per SM, grid barriers, CUDA graphs: float32 gives transformers'
-    tokens; bfloat16 the layer kernels' first ones (its own summation order rounds
-    differently: a near-tie may part them later); every barrier is met."""
+    """One program per SM, grid barriers (or, staged, a launch a stage chained with
+    PDL), CUDA graphs: float32 gives transformers' tokens; bfloat16 the layer kernels'
+    first ones (its own summation order rounds differently: a near-tie may part them
+    later); every barrier is met."""
     model = tiny32(dtype=getattr(torch, dtype))
     dec = decoder(model, tiles)
     dec.warm_up()
