@@ -624,7 +624,7 @@ if triton is not None:
         limit = tl.full((), _SPIN_LIMIT, tl.int32)
         wq1, wq2 = _qkv_first(_at(table_ptr, 0, _QKV_W, x_ptr), p, Q_UNITS * (AHEAD == 1),
                               HIDDEN, HP, D, BH)
-        for layer in range(0, LAYERS):
+        for layer in range(LAYERS):
             s = layer * 5
             if layer == 0:  # the embedding row is the first layer's input
                 xin = embed_ptr + tok * HIDDEN
@@ -1234,7 +1234,7 @@ def _registers(ptx: str, arch: int) -> dict[str, int]:
             f.flush()
             report = subprocess.run(
                 [get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", f.name,
-                 "-o", "/dev/null"], capture_output=True, text=True, timeout=600).stderr
+                 "-o", "/dev/null"], capture_output=True, text=True, timeout=600, check=False).stderr
         regs = re.search(r"Used (\d+) registers", report)
         spill = re.search(r"(\d+) bytes spill stores", report)
         return {"registers": int(regs.group(1)) if regs else -1,

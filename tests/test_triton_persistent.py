@@ -237,7 +237,7 @@ def test_the_persistent_step_in_the_interpreter() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
          "not interpreter and not compiles and not gpu"], env=env, capture_output=True,
-        text=True, timeout=900, cwd=os.path.dirname(__file__))
+        text=True, timeout=900, cwd=os.path.dirname(__file__), check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
 
