@@ -554,6 +554,28 @@ if triton is not None:
         tl.store(ban_ptr, tl.load(ban_ptr) - 1)
 
     @triton.jit
+    def _prefetch_layer(table_ptr, layer, like, p, P, HIDDEN: tl.constexpr,
+                        HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                        INTER: tl.constexpr, LINE: tl.constexpr, PF_QKV: tl.constexpr,
+                        PF_O: tl.constexpr, PF_GU: tl.constexpr, PF_DOWN: tl.constexpr):
+        """Ask L2 for program p's share of the layer's four matrices (a unit of one line:
+        a share of each matrix; PF_*: its lines of each)."""
+        _prefetch_units(_at(table_ptr, layer, _QKV_W, like),
+                        (HEADS + 2 * KV_HEADS) * D * HIDDEN, p, P, LINE, LINE, PF_QKV)
+        _prefetch_units(_at(table_ptr, layer, _O_W, like), HIDDEN * HEADS * D, p, P, LINE,
+                        LINE, PF_O)
+        _prefetch_units(_at(table_ptr, layer, _GU_W, like), 2 * INTER * HIDDEN, p, P, LINE,
+                        LINE, PF_GU)
+        _prefetch_units(_at(table_ptr, layer, _DOWN_W, like), HIDDEN * INTER, p, P, LINE,
+                        LINE, PF_DOWN)
+
+    @triton.jit
+    def _zero(acc_ptr, HIDDEN: tl.constexpr, HP: tl.constexpr):
+        """acc [HIDDEN] float32 = 0: the fused MLP's sums before its stage adds into them."""
+        k = tl.arange(0, HP)
+        tl.store(acc_ptr + k, tl.zeros((HP,), tl.float32), mask=k < HIDDEN)
+
+    @triton.jit
     def _arrive_before(s, sync_ptr, arrivals, P, trace_p, TRACE: tl.constexpr):
         """The arrival at the grid barrier before stage s (none before stage 0): the
         arrivals that barrier waits for. (Traced: at the trace's row s, see
@@ -646,17 +668,9 @@ if triton is not None:
             # 1. RMSNorm + q/k/v + rotary + cache write
             arrivals = _arrive_before(s, sync_ptr, arrivals, P, trace_p, TRACE)
             if PF_QKV > 0:  # the next layer's weights to L2, a share each program
-                if layer + 1 < LAYERS:  # (a unit of one line: a share of the matrix)
-                    nxt = layer + 1
-                    _prefetch_units(_at(table_ptr, nxt, _QKV_W, x_ptr),
-                                    (HEADS + 2 * KV_HEADS) * D * HIDDEN, p, P, LINE, LINE,
-                                    PF_QKV)
-                    _prefetch_units(_at(table_ptr, nxt, _O_W, x_ptr), HIDDEN * KO, p, P,
-                                    LINE, LINE, PF_O)
-                    _prefetch_units(_at(table_ptr, nxt, _GU_W, x_ptr), 2 * INTER * HIDDEN,
-                                    p, P, LINE, LINE, PF_GU)
-                    _prefetch_units(_at(table_ptr, nxt, _DOWN_W, x_ptr), HIDDEN * INTER, p,
-                                    P, LINE, LINE, PF_DOWN)
+                if layer + 1 < LAYERS:
+                    _prefetch_layer(table_ptr, layer + 1, x_ptr, p, P, HIDDEN, HEADS, KV_HEADS,
+                                    D, INTER, LINE, PF_QKV, PF_O, PF_GU, PF_DOWN)
             if AHEAD == 0:
                 limit = _wait_before(s, sync_ptr, arrivals, limit, trace_p, P, TRACE)
             if AHEAD != 1:
@@ -671,8 +685,7 @@ if triton is not None:
                        FUSE)
             if FUSE:  # this layer's sums start at 0 (last read by the last q/k/v stage)
                 if p == 0:
-                    k = tl.arange(0, HP)
-                    tl.store(acc_out + k, tl.zeros((HP,), tl.float32), mask=k < HIDDEN)
+                    _zero(acc_out, HIDDEN, HP)
             if AHEAD == 1:
                 wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
             # 2. attention, split along the positions (no weights)
@@ -784,7 +797,9 @@ if triton is not None:
         (PF_HEAD and TRACE: `_constants`' for the one-launch step, unused here.)"""
         p = tl.program_id(0)
         P = tl.num_programs(0)
-        EARLY: tl.constexpr = AHEAD != 0
+        # PDL's wait before the launch's first weights are loaded (AHEAD 0), or after
+        WAIT_FIRST: tl.constexpr = PDL and AHEAD == 0
+        WAIT_AFTER: tl.constexpr = PDL and AHEAD != 0
         QS: tl.constexpr = D // 2 // BH
         KO: tl.constexpr = HEADS * D
         acc_in = acc_ptr + ((layer + 1) % 2) * HIDDEN  # FUSE: the last layer's MLP sums
@@ -794,21 +809,11 @@ if triton is not None:
             qkv_w = _at(table_ptr, layer, _QKV_W, x_ptr)
             if PF_QKV > 0:  # the next layer's weights to L2, a share each program
                 if layer + 1 < LAYERS:
-                    nxt = layer + 1
-                    _prefetch_units(_at(table_ptr, nxt, _QKV_W, x_ptr),
-                                    (HEADS + 2 * KV_HEADS) * D * HIDDEN, p, P, LINE, LINE,
-                                    PF_QKV)
-                    _prefetch_units(_at(table_ptr, nxt, _O_W, x_ptr), HIDDEN * KO, p, P,
-                                    LINE, LINE, PF_O)
-                    _prefetch_units(_at(table_ptr, nxt, _GU_W, x_ptr), 2 * INTER * HIDDEN,
-                                    p, P, LINE, LINE, PF_GU)
-                    _prefetch_units(_at(table_ptr, nxt, _DOWN_W, x_ptr), HIDDEN * INTER, p,
-                                    P, LINE, LINE, PF_DOWN)
-            if EARLY:
-                wq1, wq2 = _qkv_first(qkv_w, p, Q_UNITS, HIDDEN, HP, D, BH)
-            _begin(PDL)
-            if not EARLY:
-                wq1, wq2 = _qkv_first(qkv_w, p, Q_UNITS, HIDDEN, HP, D, BH)
+                    _prefetch_layer(table_ptr, layer + 1, x_ptr, p, P, HIDDEN, HEADS, KV_HEADS,
+                                    D, INTER, LINE, PF_QKV, PF_O, PF_GU, PF_DOWN)
+            _begin(WAIT_FIRST)
+            wq1, wq2 = _qkv_first(qkv_w, p, Q_UNITS, HIDDEN, HP, D, BH)
+            _begin(WAIT_AFTER)
             tok = tl.load(tok_ptr)
             pos = tl.minimum(tl.load(pos_ptr), max_pos)
             slot = tl.load(slot_ptr).to(tl.int64)
@@ -824,8 +829,7 @@ if triton is not None:
                        layer > 0, HIDDEN, HP, HEADS, KV_HEADS, D, QKV_BIAS, BH, DOWN_BIAS, FUSE)
             if FUSE:  # this layer's sums start at 0 (last read by the last q/k/v stage)
                 if p == 0:
-                    k = tl.arange(0, HP)
-                    tl.store(acc_out + k, tl.zeros((HP,), tl.float32), mask=k < HIDDEN)
+                    _zero(acc_out, HIDDEN, HP)
         elif KIND == 1:  # attention, split along the positions
             kc = _at(table_ptr, layer, _K, x_ptr)
             vc = _at(table_ptr, layer, _V, x_ptr)
@@ -838,11 +842,9 @@ if triton is not None:
         elif KIND == 2:  # the splits combined + o projection + residual
             O_UNITS: tl.constexpr = (HIDDEN + BN - 1) // BN
             o_w = _at(table_ptr, layer, _O_W, x_ptr)
-            if EARLY:
-                wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
-            _begin(PDL)
-            if not EARLY:
-                wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
+            _begin(WAIT_FIRST)
+            wo = _cols_first(o_w, 0, p, O_UNITS, HIDDEN, KO, HH * D, BN)
+            _begin(WAIT_AFTER)
             if layer == 0:
                 res = embed_ptr + tl.load(tok_ptr) * HIDDEN
             elif FUSE:  # x + the last layer's MLP, as the q/k/v stage wrote it
@@ -855,17 +857,12 @@ if triton is not None:
             G_UNITS: tl.constexpr = (INTER + BNG - 1) // BNG
             gu_w = _at(table_ptr, layer, _GU_W, x_ptr)
             down_w = _at(table_ptr, layer, _DOWN_W, x_ptr)
-            if EARLY:
-                wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
-                wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
-                if FUSE:
-                    wdm = _down_first(down_w, p, G_UNITS, HIDDEN, INTER, HP, BNG)
-            _begin(PDL)
-            if not EARLY:
-                wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
-                wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
-                if FUSE:
-                    wdm = _down_first(down_w, p, G_UNITS, HIDDEN, INTER, HP, BNG)
+            _begin(WAIT_FIRST)
+            wg = _cols_first(gu_w, 0, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+            wu = _cols_first(gu_w, INTER, p, G_UNITS, INTER, HIDDEN, HP, BNG)
+            if FUSE:
+                wdm = _down_first(down_w, p, G_UNITS, HIDDEN, INTER, HP, BNG)
+            _begin(WAIT_AFTER)
             if FUSE:
                 _stage_mlp(wg, wu, wdm, x_ptr, _at(table_ptr, layer, _NORM2, x_ptr), gu_w,
                            _at(table_ptr, layer, _GU_B, x_ptr), down_w, acc_out, eps, p, P,
@@ -877,20 +874,16 @@ if triton is not None:
         elif KIND == 4:  # down projection + residual
             O_UNITS: tl.constexpr = (HIDDEN + BN - 1) // BN
             down_w = _at(table_ptr, layer, _DOWN_W, x_ptr)
-            if EARLY:
-                wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
-            _begin(PDL)
-            if not EARLY:
-                wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
+            _begin(WAIT_FIRST)
+            wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
+            _begin(WAIT_AFTER)
             _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, _DOWN_B, x_ptr), x_ptr, p, P,
                         HIDDEN, INTER, IP, DOWN_BIAS, BN)
         elif KIND == 5:  # the final RMSNorm + lm_head, each program's largest logit
             V_UNITS: tl.constexpr = (VOCAB + BV - 1) // BV
-            if EARLY:
-                wh = _cols_first(head_ptr, 0, p, V_UNITS, VOCAB, HIDDEN, HP, BV)
-            _begin(PDL)
-            if not EARLY:
-                wh = _cols_first(head_ptr, 0, p, V_UNITS, VOCAB, HIDDEN, HP, BV)
+            _begin(WAIT_FIRST)
+            wh = _cols_first(head_ptr, 0, p, V_UNITS, VOCAB, HIDDEN, HP, BV)
+            _begin(WAIT_AFTER)
             _stage_head(wh, x_ptr, normf_ptr, head_ptr, best_ptr, bidx_ptr, tl.load(ban_ptr),
                         eos, eps, p, P, acc_ptr + ((LAYERS - 1) % 2) * HIDDEN,
                         _at(table_ptr, LAYERS - 1, _DOWN_B, x_ptr), HIDDEN, HP, VOCAB, BV,
@@ -1064,24 +1057,23 @@ class OneRowStep:
         tokens[0]; pos[0] moves on by one and ban[0] counts down. No host sync: a CUDA
         graph can capture it."""
         chunk, splits = self.attention_split(window)
-        args = (tokens, pos, ban, out, slots, self.embed, self.table, self.cos, self.sin,
-                self.norm_w, self.head_w, self.x, self.q, self.part, self.ml, self.h, self.acc,
-                self.r, self.best, self.bidx, self.sync, self.trace_buf, self.eps,
-                -1 if self.eos is None else self.eos,
-                self.scale, self.s_slot, self.s_head, self.s_pos, chunk, splits,
-                self.max_len - 1)
+        tensors = (tokens, pos, ban, out, slots, self.embed, self.table, self.cos, self.sin,
+                   self.norm_w, self.head_w, self.x, self.q, self.part, self.ml, self.h,
+                   self.acc, self.r, self.best, self.bidx)
+        scalars = (self.eps, -1 if self.eos is None else self.eos, self.scale, self.s_slot,
+                   self.s_head, self.s_pos, chunk, splits, self.max_len - 1)
         if self.staged:  # one launch a stage, chained with PDL where the GPU has it
             chained = {"PDL": True, "launch_pdl": True} if self.pdl else {}
             grids = {**self.grids, 1: min(self.consts["KV_HEADS"] * splits, self.cap), 6: 1}
-            staged = args[:20] + args[22:]  # no barrier counter, no trace
             kinds = (0, 1, 2, 3) if self.consts["FUSE"] else (0, 1, 2, 3, 4)
             for layer, kind in [(i, k) for i in range(self.layers) for k in kinds] + [
                     (0, 5), (0, 6)]:
-                _jitted_stage[(grids[kind],)](*staged, layer, grids[5], KIND=kind,
+                _jitted_stage[(grids[kind],)](*tensors, *scalars, layer, grids[5], KIND=kind,
                                               **self.consts, **chained)
             return
         self.sync[:1].zero_()
-        _jitted_step[(self.programs,)](*args, **self.consts)
+        _jitted_step[(self.programs,)](*tensors, self.sync, self.trace_buf, *scalars,
+                                       **self.consts)
 
     def healthy(self) -> bool:
         """Whether every barrier so far was met (False: a program was not resident, and
@@ -1234,7 +1226,8 @@ def _registers(ptx: str, arch: int) -> dict[str, int]:
             f.flush()
             report = subprocess.run(
                 [get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", f.name,
-                 "-o", "/dev/null"], capture_output=True, text=True, timeout=600, check=False).stderr
+                 "-o", "/dev/null"], capture_output=True, text=True, timeout=600,
+                check=False).stderr
         regs = re.search(r"Used (\d+) registers", report)
         spill = re.search(r"(\d+) bytes spill stores", report)
         return {"registers": int(regs.group(1)) if regs else -1,
