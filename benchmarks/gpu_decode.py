@@ -27,7 +27,10 @@ generation_config.min_new_tokens, which both paths honour). In one process:
    `decoder_bs1_triton_sweep_agree`: how many leading tokens each variant shares
    with the default tiles', which bf16's near-ties of random weights may part),
    and the persistent step traced: its barriers' and stages' microseconds from
-   each program's clocks (`decoder_bs1_persistent_trace`);
+   each program's clocks (`decoder_bs1_persistent_trace`); then the engine at
+   batch 1 again, on the sweep's fastest one-row variant that ran as itself
+   (`gpu_bs1_tok_s_one_row`, its tiles `gpu_bs1_one_row_tiles`, against the
+   default engine's `gpu_bs1_tok_s` of this process: `gpu_bs1_one_row_ratio`);
    --tiles sets tile defaults for the whole run, the engine's too;
 4. the decoder alone, each kind of kernels: batch 1 with 8 and 1 steps per
    replay, without graphs, and N rows; the kernel profile of eager steps (the
@@ -125,6 +128,7 @@ def main() -> None:
         other_rows(plain, questions, prompt, new, out, log, save)
     if gpu and args.sweep:
         tile_sweep(model, prompt, new, out, log, save)
+        one_row_engine(plain, questions[0], new, out, log, save)
 
     # 4. the decoder alone: steps per replay, graphs on/off at batch 1; and at N (the
     # engine's figure against it is the engine's own overhead)
@@ -365,6 +369,61 @@ def tile_sweep(model: Any, prompt: list[int], new: int, out: dict[str, Any],
             f"{trace['work_us']}" if "step_us" in trace else f"fell back: {trace['note']}"))
         out["decoder_bs1_persistent_trace"] = traces
         save()
+
+
+def fastest_one_row(out: dict[str, Any]) -> str | None:
+    """The sweep's fastest one-row variant ("k=v,..." as --tiles takes it) among those
+    that ran as themselves (no fallback to the layer kernels, no error), or None."""
+    sweep = out.get("decoder_bs1_triton_sweep", {})
+    lost = {**out.get("decoder_bs1_triton_sweep_notes", {}),
+            **out.get("decoder_bs1_triton_sweep_errors", {})}
+    ran = {name: speed for name, speed in sweep.items()
+           if "persistent=1" in name.split(",") and name not in lost}
+    return max(ran, key=ran.__getitem__) if ran else None
+
+
+def one_row_engine(plain: Any, question: str, new: int, out: dict[str, Any], log: Any,
+                   save: Any) -> None:
+    """The engine at batch 1 on the sweep's fastest one-row variant, in the process that
+    measured the default engine (`gpu_bs1_tok_s`): the figure that decides whether the
+    one-row step becomes the default. The median of 3 rounds, as the default's."""
+    import torch
+    from contextwise.backends.triton_decode import DEFAULT_TILES
+
+    from benchmarks import backend as bb
+
+    best = fastest_one_row(out)
+    if best is None:
+        log("no one-row variant ran as itself: engine not rerun")
+        return
+    saved = dict(DEFAULT_TILES)
+    DEFAULT_TILES.update(tile_settings(best))  # the engine's decoder reads them when made
+    try:
+        with bb.min_new_tokens(plain.model, new):
+            eng = engine_for(plain, 1, kv_cache_mb=1024)
+            times: list[float] = []
+            _, secs, _ = warm_and_time(eng, [question], new, torch.cuda.synchronize,
+                                       rounds=3, times=times)
+            stats = eng.stats().get("static") or {}
+            eng.close()
+    except Exception as e:  # noqa: BLE001  (a figure lost, not the run)
+        out["gpu_bs1_one_row_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        log(f"engine on {best}: {out['gpu_bs1_one_row_error']}")
+        return
+    finally:
+        DEFAULT_TILES.clear()
+        DEFAULT_TILES.update(saved)
+    out["gpu_bs1_one_row_tiles"] = best
+    out["gpu_bs1_tok_s_one_row"] = round(new / secs, 1)
+    out["gpu_bs1_one_row_rounds_tok_s"] = [round(new / t, 1) for t in times]
+    if "persistent_note" in stats:  # it fell back during the rounds: not the step's figure
+        out["gpu_bs1_one_row_note"] = stats["persistent_note"]
+    if out.get("gpu_bs1_tok_s"):
+        out["gpu_bs1_one_row_ratio"] = round(out["gpu_bs1_tok_s_one_row"] / out["gpu_bs1_tok_s"], 3)
+    log(f"static engine bs1 on {best}: {out['gpu_bs1_tok_s_one_row']} tok/s "
+        f"(x{out.get('gpu_bs1_one_row_ratio')} the default's)"
+        + (f"; {out['gpu_bs1_one_row_note']}" if "gpu_bs1_one_row_note" in out else ""))
+    save()
 
 
 def warm_and_time(eng: Any, qs: list[str], new: int, sync: Any, after_warm_up: Any = None,
