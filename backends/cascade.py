@@ -199,7 +199,7 @@ class CascadeBackend(Backend):
         in another, when the backends offer `generate_scored_batch` (LocalBackend)."""
         t0 = time.perf_counter()
         tries = [i for i, c in enumerate(calls) if plain_greedy(c)]  # the small never streams
-        scored: dict[int, Any] = {}
+        scored: dict[int, tuple[Reply, list[float]] | BaseException] = {}
         if len(tries) > 1:
             quiet = [calls[i].model_copy(update={"on_delta": None}) for i in tries]
             many = getattr(self.small, "generate_scored_batch", None)
@@ -210,12 +210,14 @@ class CascadeBackend(Backend):
         for i, call in enumerate(calls):
             if i not in scored:
                 replies[i] = self._one(call)
-            elif isinstance(scored[i], ContextOverflow):
+                continue
+            result = scored[i]
+            if isinstance(result, ContextOverflow):
                 replies[i] = self._direct(call, t0, "small_overflow")
-            elif isinstance(scored[i], BaseException):
-                raise scored[i]
+            elif isinstance(result, BaseException):
+                raise result
             else:
-                replies[i] = self._decide(call, *scored[i], t0)
+                replies[i] = self._decide(call, *result, t0)
                 if replies[i] is None:
                     escalated.append(i)
         for i, reply in zip(escalated, self._large_many([calls[i] for i in escalated]),
@@ -234,7 +236,7 @@ class CascadeBackend(Backend):
         many = getattr(large, "generate_scored_batch", None)
         together = [c for c in calls if c.on_delta is None] if many is not None else []
         done: dict[int, Reply] = {}
-        if len(together) > 1:
+        if many is not None and len(together) > 1:  # together is empty without it
             for c, result in zip(together, many(together), strict=True):
                 if isinstance(result, BaseException):
                     raise result

@@ -55,7 +55,7 @@ class CheckpointReader:
                 (size,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(size))
             for name, info in header.items():
-                dtype = _DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+                dtype = _DTYPES.get(info.get("dtype", "")) if isinstance(info, dict) else None
                 if name == "__metadata__" or dtype is None or (names and name not in names):
                     continue
                 self.entries[name] = _Entry(path, dtype, tuple(info["shape"]),
@@ -81,7 +81,7 @@ class CheckpointReader:
         buf = torch.empty(max(end - start, 0) * row_bytes, dtype=torch.uint8)
         with open(e.path, "rb", buffering=0) as f:
             f.seek(e.begin + start * row_bytes)
-            view = memoryview(buf.numpy()).cast("B")
+            view = buf.numpy().data  # uint8, one dimension: a byte view already
             got = 0
             while got < len(view):  # a raw read may return fewer bytes than asked
                 n = f.readinto(view[got:])

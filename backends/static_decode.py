@@ -77,7 +77,7 @@ def supported(model: Any) -> str | None:
     if cfg is None or getattr(cfg, "model_type", None) not in _ARCHITECTURES:
         return f"architecture {getattr(cfg, 'model_type', None)!r} is not llama/mistral/qwen2"
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    rope_type = "default"
+    rope_type: str | None = "default"  # a config may hold None
     if isinstance(rope, dict):
         rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in _ROPE_TYPES:
@@ -194,7 +194,7 @@ class StaticDecoder:
         # Steps each slot still may not end (EOS masked, as transformers' min_new_tokens).
         self.eos = eos
         self.ban = torch.zeros(self.slots, dtype=torch.long, device=self.device)
-        self._verify_buffers: tuple[Any, Any, Any] | None = None  # made on first verify
+        self._verify_buffers: tuple[Any, ...] | None = None  # made on first verify
         self._one_row: Any = None  # the persistent one-row step, made on first use
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         # (n, window, steps, logits) -> (the CUDA graph, its outputs: tokens, logits or
@@ -669,18 +669,18 @@ class StaticDecoder:
                                         self.pos[:n], self.ban[:n])
             return chosen, None
         out = []
-        logits = None
+        last = None  # the last step's logits (`logits` is the flag)
         for s in range(steps):
-            logits = self._step(n, window)
+            last = self._step(n, window)
             if self.eos is not None:
-                logits[:, self.eos].masked_fill_(self.ban[:n] > 0, float("-inf"))
+                last[:, self.eos].masked_fill_(self.ban[:n] > 0, float("-inf"))
                 self.ban[:n].sub_(1)
-            chosen = logits.argmax(-1)
+            chosen = last.argmax(-1)
             out.append(chosen)
             # the next step's inputs; after the last step, the next launch's (`resume`)
             self.tokens[:n].copy_(chosen)
             self.pos[:n].add_(1)
-        return torch.stack(out, 1), logits
+        return torch.stack(out, 1), last
 
     def window_for(self, top: int) -> int:
         """The attention window (a power of two >= 128, at most max_len) covering position `top`."""
@@ -800,7 +800,10 @@ class StaticDecoder:
             buffers = self._verify_buffers
             for buffer, values in zip(buffers, host, strict=True):
                 buffer[:bucket, :width].copy_(values, non_blocking=True)
-            run = lambda: self._verify_run(bucket, width, window)  # noqa: E731
+
+            def run() -> Any:
+                return self._verify_run(bucket, width, window)
+
             out = None
             if self.cuda_graphs:
                 try:
@@ -973,7 +976,8 @@ def _plain(linear: Any) -> bool:
     import torch
 
     w = getattr(linear, "weight", None)
-    return (type(getattr(w, "data", None)) is torch.Tensor and w.dtype.is_floating_point
+    return (w is not None and type(getattr(w, "data", None)) is torch.Tensor
+            and w.dtype.is_floating_point
             and type(linear) is torch.nn.Linear)
 
 
@@ -1076,7 +1080,8 @@ def _symbolic(compiled: Any) -> Any:
              mask: Any) -> Any:
         for t, dims in ((x, 0), (rows, 0), (pos, 0), (cos, 0), (sin, 0), (mask, (0, 3))):
             torch._dynamo.maybe_mark_dynamic(t, dims)
-        with fx_config.patch(use_duck_shape=False):
+        # patch() is added at import by torch's install_config_module: mypy can't see it
+        with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
             return compiled(x, w, kc, vc, rows, pos, cos, sin, mask)
 
     return call

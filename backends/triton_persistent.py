@@ -872,10 +872,10 @@ if triton is not None:
                                _at(table_ptr, layer, _GU_B, x_ptr), h_ptr, eps, p, P, HIDDEN,
                                HP, INTER, GU_BIAS, BNG)
         elif KIND == 4:  # down projection + residual
-            O_UNITS: tl.constexpr = (HIDDEN + BN - 1) // BN
+            D_UNITS: tl.constexpr = (HIDDEN + BN - 1) // BN
             down_w = _at(table_ptr, layer, _DOWN_W, x_ptr)
             _begin(WAIT_FIRST)
-            wd = _cols_first(down_w, 0, p, O_UNITS, HIDDEN, INTER, IP, BN)
+            wd = _cols_first(down_w, 0, p, D_UNITS, HIDDEN, INTER, IP, BN)
             _begin(WAIT_AFTER)
             _stage_down(wd, h_ptr, down_w, _at(table_ptr, layer, _DOWN_B, x_ptr), x_ptr, p, P,
                         HIDDEN, INTER, IP, DOWN_BIAS, BN)
@@ -900,7 +900,7 @@ if triton is not None:
 
 def _constants(layers: int, hidden: int, heads: int, kv_heads: int, d: int, inter: int,
                vocab: int, programs: int, tiles: dict[str, int], itemsize: int,
-               biases: tuple[bool, bool, bool, bool], gpu: bool) -> dict[str, Any]:
+               biases: tuple[bool, ...], gpu: bool) -> dict[str, Any]:
     """The step kernel's constexprs (and num_warps) for a model's shapes, the tiles
     (`OneRowStep`'s) and `programs`; biases: whether q/k/v, o, gate/up and down have
     one; gpu: compiled (the L2 prefetches), not interpreted. Raises ValueError on tiles

@@ -155,9 +155,10 @@ def turns(seed: int = 7) -> list[Turn]:
              answer="Noted: Berlin to Lisbon 2026-12-18, back 2026-12-27, budget 2,400 EUR."),
         Turn("What's the weather like there in December?",
              [("get_weather", {"city": "Lisbon", "date": "2026-12-18"},
-               'Traceback (most recent call last):\n  File "weather/api.py", line 88, in forecast\n'
-               "    resp.raise_for_status()\nrequests.exceptions.HTTPError: 503 Server Error: "
-               "Service Unavailable for url: https://api.weather.example/v2/forecast"),
+               ('Traceback (most recent call last):\n'
+                '  File "weather/api.py", line 88, in forecast\n'
+                "    resp.raise_for_status()\nrequests.exceptions.HTTPError: 503 Server Error: "
+                "Service Unavailable for url: https://api.weather.example/v2/forecast")),
               ("get_weather", {"city": "Lisbon", "date": "2026-12-18"},
                json.dumps({"city": "Lisbon", "date": "2026-12-18", "high_c": 16, "low_c": 9,
                            "rain_chance": 0.35, "wind_kmh": 18}))],

@@ -13,7 +13,7 @@ import statistics
 import tempfile
 import time
 
-from contextwise.backends.loading import ALIASES, converted_dir, packaged_path, load_model
+from contextwise.backends.loading import ALIASES, converted_dir, load_model, packaged_path
 from contextwise.memory.store import Store
 from rich.console import Console
 from rich.table import Table

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 try:
     from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -68,6 +68,12 @@ from contextwise.errors import InputError
 from contextwise.pipeline import Pipeline
 from contextwise.policy import Local, Policy
 from contextwise.types import Message, Params, Reply, Tool
+
+if TYPE_CHECKING:
+    # JsonOutputParser's field `pydantic_object: type[TBaseModel] | None` uses a type
+    # variable the class does not bind; the pydantic mypy plugin, typing _JsonParser's
+    # __init__, looks TBaseModel up in this module (without it: name-defined, no line).
+    from langchain_core.output_parsers.json import TBaseModel  # noqa: F401  (see above)
 
 __all__ = ["ChatContextwise", "messages_to_openai", "reply_to_ai_message"]
 

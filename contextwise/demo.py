@@ -161,7 +161,7 @@ def load_with_progress(pipeline: Pipeline, console: Console) -> float:
     def load() -> None:
         try:
             _ = pipeline.backend
-        except BaseException as e:  # re-raised below, in the caller's thread
+        except BaseException as e:  # noqa: BLE001  (re-raised below, in the caller's thread)
             error.append(e)
         finally:
             done.set()

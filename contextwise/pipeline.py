@@ -58,8 +58,8 @@ def build_stages(
     The embedder, shared by every stage, also loads on first use.
     The cache is last, so its key is the engineered context the model would see.
     """
-    from contextwise.middleware.cache import CacheStage
     from contextwise.middleware.budget import BudgetStage
+    from contextwise.middleware.cache import CacheStage
     from contextwise.middleware.prune import PruneStage
     from contextwise.middleware.quarantine import QuarantineStage
     from contextwise.middleware.summarize import SummarizeStage, model_summarizer
@@ -309,7 +309,7 @@ class Pipeline:
         def work() -> None:
             try:
                 q.put(self._run(call, new))
-            except BaseException as e:  # handed to the consumer, not swallowed
+            except BaseException as e:  # noqa: BLE001  (handed to the consumer, not swallowed)
                 q.put(e)
 
         threading.Thread(target=work, daemon=True, name="contextwise-stream").start()
@@ -345,7 +345,7 @@ class Pipeline:
             # hit) are queued callbacks, and the final Reply must come after them
             try:
                 loop.call_soon(q.put_nowait, await self._arun(call, new))
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001  (handed to the consumer, re-raised)
                 loop.call_soon(q.put_nowait, e)
 
         task = asyncio.ensure_future(work())

@@ -99,15 +99,24 @@ class Templating(_Strict):
     examples_budget_tokens: int = Field(400, ge=0, description="token budget for the examples")
 
 
+# Factories with declared types: a lambda's list would be inferred as list[str]
+def _all_detectors() -> list[str | Callable[..., Any]]:
+    return list(DETECTORS)
+
+
+def _tool_role() -> list[Literal["tool", "user", "system", "assistant"]]:
+    return ["tool"]
+
+
 class Quarantine(_Strict):
     """Look at tool outputs (and other content) before it enters the context."""
 
     detectors: list[str | Callable[..., Any]] = Field(
-        default_factory=lambda: list(DETECTORS),
+        default_factory=_all_detectors,
         description="built-in names (" + ", ".join(DETECTORS) + ") or your own callables",
     )
     roles: list[Literal["tool", "user", "system", "assistant"]] = Field(
-        default_factory=lambda: ["tool"], description="roles whose messages are scanned"
+        default_factory=_tool_role, description="roles whose messages are scanned"
     )
     injection_similarity: float = Field(
         0.62, gt=0, le=1, description="cosine to a known attack pattern that flags a passage"

@@ -17,6 +17,7 @@ turns into grammar-constrained decoding).
 import time
 import uuid
 
+from contextwise.middleware.langchain import ContextwiseMiddleware
 from langchain.agents import create_agent
 from langchain.agents.middleware import AgentMiddleware
 from langchain_core.messages import HumanMessage
@@ -31,7 +32,6 @@ from contextwise.demo import (
     get_weather,
     search_flights,
 )
-from contextwise.middleware.langchain import ContextwiseMiddleware
 from contextwise.policy import Cache, Storage, ToolLoadout
 from contextwise.report import print_report, summarize
 

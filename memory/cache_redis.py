@@ -18,6 +18,7 @@ Writes that touch several keys run as Lua scripts, so they are atomic.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import time
@@ -112,7 +113,9 @@ class RedisCacheEntries:
             ) from None
         self.url = url
         self.prefix = prefix
-        self.r = client or redis.Redis.from_url(url)
+        # Any: redis-py types replies as bytes | str (decode_responses is a run-time option);
+        # this code reads them as bytes, the default
+        self.r: Any = client or redis.Redis.from_url(url)
         try:
             self.r.ping()
         except redis.RedisError as e:
@@ -303,7 +306,7 @@ class RedisCacheEntries:
                 if raw:
                     yield _entry(entry_id, raw)
 
-    def _pipe_hget(self, ids: Sequence[int], field: str) -> list[Any]:
+    def _pipe_hget(self, ids: Sequence[int], field: str) -> builtins.list[Any]:
         pipe = self.r.pipeline(transaction=False)
         for entry_id in ids:
             pipe.hget(self._k(f"e:{entry_id}"), field)

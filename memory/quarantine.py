@@ -20,6 +20,7 @@ for `find_by_hash`.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import re
@@ -173,7 +174,8 @@ class QuarantineStore:
         self, session: str | None = None, include_released: bool = False, limit: int | None = 100
     ) -> list[QuarantineRecord]:
         """Newest first; `session` filters, released records only with `include_released`."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if session is not None:
             where.append("session=?")
             params.append(session)
@@ -198,7 +200,7 @@ class QuarantineStore:
             record = record.model_copy(update={"released": True, "released_at": now})
         return record
 
-    def find_by_hash(self, digest: str) -> list[QuarantineRecord]:
+    def find_by_hash(self, digest: str) -> builtins.list[QuarantineRecord]:
         """Every record whose content has this SHA-256 (oldest first)."""
         rows = self.store.query(
             f"SELECT {_COLUMNS} FROM quarantine WHERE content_hash=? ORDER BY n", (digest,))
@@ -223,7 +225,8 @@ class QuarantineStore:
         cutoff = None if older_than_s is None else time.time() - older_than_s
 
         def scope(time_column: str, *extra: str) -> tuple[str, list[Any]]:
-            where, params = list(extra), []  # `extra` conditions take no parameters
+            where = list(extra)  # `extra` conditions take no parameters
+            params: list[Any] = []
             if session is not None:
                 where.append("session=?")
                 params.append(session)

@@ -21,7 +21,20 @@ _LAZY = {
     "ToolLoadoutStage": "tool_loadout",
 }
 
-__all__ = ["Stage", "acompose", "compose", *sorted(_LAZY)]
+# Spelled out, not built from _LAZY, so tools that read `__all__` see every name
+__all__ = [
+    "BudgetStage",
+    "CacheStage",
+    "PruneStage",
+    "QuarantineStage",
+    "ResponseCache",
+    "Stage",
+    "SummarizeStage",
+    "TemplatingStage",
+    "ToolLoadoutStage",
+    "acompose",
+    "compose",
+]
 
 
 def __getattr__(name: str) -> Any:

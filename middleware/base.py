@@ -43,10 +43,19 @@ class Stage:
         return self.on_reply(call, await anext(call))
 
 
+def _link(stage: Callable[[Call, Next], Reply], then: Next) -> Next:
+    # a function of its own binds this stage and this `then`, not the loop's last ones
+    return lambda call: stage(call, then)
+
+
+def _alink(stage: Any, anext: ANext) -> ANext:
+    return lambda call: stage.acall(call, anext)
+
+
 def compose(stages: Sequence[Callable[[Call, Next], Reply]], inner: Next) -> Next:
     handler = inner
     for stage in reversed(stages):
-        handler = (lambda s, h: lambda call: s(call, h))(stage, handler)
+        handler = _link(stage, handler)
     return handler
 
 
@@ -56,8 +65,11 @@ def _threaded(stage: Callable[[Call, Next], Reply], anext: ANext) -> ANext:
     async def run(call: Call) -> Reply:
         loop = asyncio.get_running_loop()
 
+        async def awaited(step: Awaitable[Reply]) -> Reply:  # a coroutine, as the loop needs
+            return await step
+
         def sync_next(c: Call) -> Reply:
-            return asyncio.run_coroutine_threadsafe(anext(c), loop).result()
+            return asyncio.run_coroutine_threadsafe(awaited(anext(c)), loop).result()
 
         return await asyncio.to_thread(stage, call, sync_next)
 
@@ -68,7 +80,7 @@ def acompose(stages: Sequence[Any], inner: ANext) -> ANext:
     handler = inner
     for stage in reversed(stages):
         if hasattr(stage, "acall"):
-            handler = (lambda s, h: lambda call: s.acall(call, h))(stage, handler)
+            handler = _alink(stage, handler)
         else:
             handler = _threaded(stage, handler)
     return handler

@@ -432,7 +432,7 @@ class ResponseCache:
         if cache is not None:
             try:
                 cache.save_index()
-            except Exception:  # never fail interpreter exit over a derived file
+            except Exception:  # noqa: BLE001, S110  (never fail exit over a derived file)
                 pass
 
     def _index_dir(self, store: Store | None) -> Path | None:
@@ -475,7 +475,7 @@ class ResponseCache:
             return "built on quarantined content"
         side = set(self.policy.side_effect_tools) & {c.name for c in reply.tool_calls}
         if side:
-            return f"calls a tool with side effects: {sorted(side)[0]}"
+            return f"calls a tool with side effects: {min(side)}"
         return None
 
     def _expired(self, entry: CacheEntry, now: float) -> bool:

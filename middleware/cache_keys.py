@@ -121,7 +121,7 @@ _NUMBER_WORDS = {
 _NEGATIONS = frozenset(
     """not no never none nothing nobody nowhere neither nor without cannot cant dont doesnt
     didnt isnt arent wasnt werent wont wouldnt shouldnt couldnt hasnt havent hadnt mustnt
-    except excluding besides non lacking""".split()
+    except excluding besides non lacking""".split()  # noqa: SIM905  (a word list, read as text)
 )
 # wh-words that ask for a different kind of answer; what/which/how are interchangeable
 _WH = {"when": "when", "where": "where", "who": "who", "whom": "who", "whose": "whose",
@@ -133,7 +133,8 @@ _FILLER = frozenset(
     quick briefly basically simply hi hello hey thanks thank question wondering wonder
     curious like any some someone anyone something anything way ways possible able there
     here it its it's this that these those what which how whats hows im ive id youre
-    describe mean means meaning definition define give get find out say said""".split()
+    describe mean means meaning definition define give get find out say
+    said""".split()  # noqa: SIM905  (a word list, read as text)
 )
 # Verbs and relational words that rarely decide an answer ("make"/"create" a branch,
 # "X vs Y"/"difference between X and Y"): a substitution among them is not a new
@@ -142,7 +143,8 @@ _GENERIC = frozenset(
     """make makes create get gets set put use used using change update modify see view check
     list show shows find display go going work works support supports allow allowed vs versus
     between difference differences different compare comparison way ways thing things people
-    each typical usual usually normally best top ideal write syntax command""".split()
+    each typical usual usually normally best top ideal write syntax
+    command""".split()  # noqa: SIM905  (a word list, read as text)
 )
 _OPPOSITES = [
     ("increase", "decrease"), ("increase", "reduce"), ("raise", "lower"), ("up", "down"),

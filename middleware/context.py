@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
-
-from pydantic import BaseModel, ValidationError
+from typing import Any, TypeAlias, TypeVar
 
 from contextwise.retrievers.embedder import DEFAULT_EMBEDDER, Embedder, get_embedder
+from pydantic import BaseModel, ValidationError
 
-from contextwise.tokens import count_text
 from contextwise.errors import PolicyError
+from contextwise.tokens import count_text
 from contextwise.types import Call, Message, Tool
 
 P = TypeVar("P", bound=BaseModel)
@@ -38,7 +37,7 @@ __all__ = [
     "units",
 ]
 
-EmbedderSource = Embedder | Callable[[], Embedder] | None
+EmbedderSource: TypeAlias = Embedder | Callable[[], Embedder] | None
 
 
 def embedder_getter(source: EmbedderSource, model: str = DEFAULT_EMBEDDER) -> Callable[[], Embedder]:

@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 from contextwise.retrievers.embedder import Embedder, get_embedder
@@ -48,7 +48,7 @@ ID_WEIGHT = 2.0  # bonus per query identifier a chunk contains: beats any base s
 MAX_QUERY_IDS = 32  # a query that is itself a pasted document: its first identifiers only
 GAP = "[...]"  # between two kept text chunks that were not adjacent
 
-EmbedderLike = Embedder | Callable[[], Embedder] | None
+EmbedderLike: TypeAlias = Embedder | Callable[[], Embedder] | None
 
 # --------------------------------------------------------------------------- identifiers
 
@@ -320,7 +320,7 @@ def _text_chunks(text: str, target: int) -> list[Chunk]:
                 merged[-1] = (ma, b, kind, parent)
                 continue
         merged.append((a, b, kind, parent))
-    chunks = []
+    chunks: list[Chunk] = []
     for a, b, kind, _ in merged:
         span = text[a:b]
         lines = sum(1 for line in span.splitlines() if line.strip())

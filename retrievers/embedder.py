@@ -132,8 +132,10 @@ class Embedder:
             return None
         hf = getattr(modules[0], "auto_model", None)
         pooling = getattr(modules[1], "pooling_mode", None)
-        if pooling is None and hasattr(modules[1], "get_config_dict"):
-            pooling = modules[1].get_config_dict().get("pooling_mode")
+        # getattr: a torch Module's unknown attributes are typed as Tensor | Module
+        get_config = getattr(modules[1], "get_config_dict", None)
+        if pooling is None and get_config is not None:
+            pooling = get_config().get("pooling_mode")
         if hf is None or not supports(hf, pooling):
             return None
         fast = FastBert(hf)

@@ -24,7 +24,8 @@ _WORD = re.compile(r"[A-Za-z0-9]+")
 STOPWORDS = frozenset(
     """a an and are as at be but by can could do does for from has have how i if in into is it
     its me my of on or our please should so than that the their them then there these this to
-    us was we what when where which who why will with would you your""".split()
+    us was we what when where which who why will with would
+    you your""".split()  # noqa: SIM905  (a word list, read as text)
 )
 _SUFFIXES = ("ations", "ation", "ings", "ing", "ies", "es", "ed", "ly", "s")
 

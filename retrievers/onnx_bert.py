@@ -89,7 +89,7 @@ class OnnxEmbedder:
             # stages (and the chat model) run on between two embeddings.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception:  # no onnx exporter, a broken file: torch still works
+        except Exception:  # noqa: BLE001  (no onnx exporter, a broken file: torch still works)
             return None
         return cls(session)
 

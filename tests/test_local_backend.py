@@ -6,7 +6,7 @@ import json
 
 import jsonschema
 import pytest
-from contextwise.backends.loading import ALIASES, converted_dir, packaged_path, load_model
+from contextwise.backends.loading import ALIASES, converted_dir, load_model, packaged_path
 from contextwise.memory.store import Store
 
 from contextwise import ContextOverflow, ModelNotFound, Pipeline, Policy, Reply

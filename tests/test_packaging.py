@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ["middleware", "retrievers", "memory", "backends"]
 PROBE = (
     "import contextwise, importlib, json;"
-    "mods = ['contextwise'] + ['contextwise.' + n for n in %r];"
+    f"mods = ['contextwise'] + ['contextwise.' + n for n in {SUBPACKAGES!r}];"
     "print(json.dumps({m: importlib.import_module(m).__file__ for m in mods}))"
-) % SUBPACKAGES
+)
 
 
 def _import_paths(cwd: Path, pythonpath: str | None = None) -> dict[str, str]:

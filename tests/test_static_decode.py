@@ -661,7 +661,7 @@ def test_grammar_and_seeded_calls_keep_the_single_path(local: Any,
 def test_a_kv_budget_without_room_for_a_slot_falls_back(local: Any) -> None:
     with BatchingEngine(local, max_batch=4, max_wait_ms=50, static_decode="on",
                         kv_cache_mb=1) as engine:
-        a, b = engine.generate([call(QUESTIONS[0], max_tokens=6), call(QUESTIONS[1], max_tokens=6)])
+        a, _ = engine.generate([call(QUESTIONS[0], max_tokens=6), call(QUESTIONS[1], max_tokens=6)])
         assert "holds no slot" in engine.stats()["static_decode"]
     same(local.generate([call(QUESTIONS[0], max_tokens=6)])[0], a)
 
