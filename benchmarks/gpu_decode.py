@@ -400,12 +400,7 @@ def one_row_engine(plain: Any, question: str, new: int, out: dict[str, Any], log
     DEFAULT_TILES.update(tile_settings(best))  # the engine's decoder reads them when made
     try:
         with bb.min_new_tokens(plain.model, new):
-            eng = engine_for(plain, 1, kv_cache_mb=1024)
-            times: list[float] = []
-            _, secs, _ = warm_and_time(eng, [question], new, torch.cuda.synchronize,
-                                       rounds=3, times=times)
-            stats = eng.stats().get("static") or {}
-            eng.close()
+            tok_s, rounds, stats = bs1_engine(plain, question, new, torch.cuda.synchronize)
     except Exception as e:  # noqa: BLE001  (a figure lost, not the run)
         out["gpu_bs1_one_row_error"] = f"{type(e).__name__}: {str(e)[:300]}"
         log(f"engine on {best}: {out['gpu_bs1_one_row_error']}")
@@ -414,15 +409,14 @@ def one_row_engine(plain: Any, question: str, new: int, out: dict[str, Any], log
         DEFAULT_TILES.clear()
         DEFAULT_TILES.update(saved)
     out["gpu_bs1_one_row_tiles"] = best
-    out["gpu_bs1_tok_s_one_row"] = round(new / secs, 1)
-    out["gpu_bs1_one_row_rounds_tok_s"] = [round(new / t, 1) for t in times]
-    if "persistent_note" in stats:  # it fell back during the rounds: not the step's figure
-        out["gpu_bs1_one_row_note"] = stats["persistent_note"]
+    out["gpu_bs1_tok_s_one_row"], out["gpu_bs1_one_row_rounds_tok_s"] = tok_s, rounds
+    note = (stats or {}).get("persistent_note")
+    if note:  # it fell back during the rounds: not the step's figure
+        out["gpu_bs1_one_row_note"] = note
     if out.get("gpu_bs1_tok_s"):
-        out["gpu_bs1_one_row_ratio"] = round(out["gpu_bs1_tok_s_one_row"] / out["gpu_bs1_tok_s"], 3)
-    log(f"static engine bs1 on {best}: {out['gpu_bs1_tok_s_one_row']} tok/s "
-        f"(x{out.get('gpu_bs1_one_row_ratio')} the default's)"
-        + (f"; {out['gpu_bs1_one_row_note']}" if "gpu_bs1_one_row_note" in out else ""))
+        out["gpu_bs1_one_row_ratio"] = round(tok_s / out["gpu_bs1_tok_s"], 3)
+    log(f"static engine bs1 on {best}: {tok_s} tok/s "
+        f"(x{out.get('gpu_bs1_one_row_ratio')} the default's)" + (f"; {note}" if note else ""))
     save()
 
 
@@ -455,6 +449,19 @@ def warm_and_time(eng: Any, qs: list[str], new: int, sync: Any, after_warm_up: A
         times.extend(secs for secs, _ in runs)
     secs, lat = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     return lat, secs, warm_s
+
+
+def bs1_engine(plain: Any, question: str, new: int, sync: Any,
+               **engine_kw: Any) -> tuple[float, list[float], dict[str, Any] | None]:
+    """The engine at batch 1 (`engine_kw` to its BatchingEngine; the caller sets
+    min_new_tokens): tokens/s, the median of 3 timed rounds; each round's; its static
+    decoder's stats."""
+    eng = engine_for(plain, 1, kv_cache_mb=1024, **engine_kw)
+    times: list[float] = []
+    _, secs, _ = warm_and_time(eng, [question], new, sync, rounds=3, times=times)
+    stats = eng.stats().get("static")
+    eng.close()
+    return round(new / secs, 1), [round(new / t, 1) for t in times], stats
 
 
 def engine_for(backend: Any, batch: int, **kw: Any) -> Any:
@@ -491,13 +498,8 @@ def decode_speed(plain: Any, questions: list[str], new: int, out: dict[str, Any]
 
     # 2. the static engine: batch 1, then n concurrent callers
     with bb.min_new_tokens(model, new):
-        eng = engine_for(plain, 1, kv_cache_mb=1024, **engine_kw)
-        times: list[float] = []
-        _, secs, _ = warm_and_time(eng, questions[:1], new, sync, rounds=3, times=times)
-        out["gpu_bs1_tok_s"] = round(new / secs, 1)  # the median of 3 rounds
-        out["gpu_bs1_rounds_tok_s"] = [round(new / t, 1) for t in times]
-        out["gpu_bs1_stats"] = eng.stats().get("static")
-        eng.close()
+        out["gpu_bs1_tok_s"], out["gpu_bs1_rounds_tok_s"], out["gpu_bs1_stats"] = bs1_engine(
+            plain, questions[0], new, sync, **engine_kw)
         log(f"static engine bs1: {out['gpu_bs1_tok_s']} tok/s")
         save()
         eng = engine_for(plain, n, **engine_kw)
