@@ -33,13 +33,11 @@ LAYER_K=${LAYER_K-no_traffic or reuses_prefixes}
 CHECK_ARGS=${CHECK_ARGS:-}
 OUT=$(mkdir -p "$OUT" && cd "$OUT" && pwd)  # absolute: the steps run elsewhere
 
+STEPS="persistent decode layer gpu-tests check"
 [ $# -gt 0 ] || set -- persistent decode layer
 for step in "$@"; do  # all checked before any runs: a typo costs no GPU time
-    case ${step%%:*} in
-        persistent | decode | layer | gpu-tests | check) ;;
-        *) echo "run.sh: unknown step '$step' (persistent, decode, layer, gpu-tests, check)" >&2
-           exit 2 ;;
-    esac
+    [[ " $STEPS " == *" ${step%%:*} "* ]] ||
+        { echo "run.sh: unknown step '$step' (steps: $STEPS)" >&2; exit 2; }
     [[ $step != *:* || ${step#*:} =~ ^[0-9]+$ ]] ||
         { echo "run.sh: '$step': the limit after ':' must be whole seconds" >&2; exit 2; }
 done
@@ -79,7 +77,7 @@ run_step() {  # name limit folder command...
 
 for step in "$@"; do
     name=${step%%:*}
-    limit=${step#"$name"}
+    limit=${step#"$name"}  # ":SECONDS" or empty
     limit=${limit#:}
     case $name in
         persistent)
