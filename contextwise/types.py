@@ -86,9 +86,7 @@ class ToolCall(BaseModel):
         if isinstance(d, ToolCall):
             return d
         if not isinstance(d, Mapping):
-            raise ValueError(  # noqa: TRY004  (a validator's error too: ValueError)
-                f"a tool call must be a dict, got {type(d).__name__}"
-            )
+            raise ValueError(f"a tool call must be a dict, got {type(d).__name__}")
         fn = d.get("function", d)
         if not isinstance(fn, Mapping) or "name" not in fn:
             raise ValueError("a tool call needs function.name")
@@ -99,9 +97,7 @@ class ToolCall(BaseModel):
             except json.JSONDecodeError as e:
                 raise ValueError(f"tool call arguments are not valid JSON: {e}") from None
         if not isinstance(args, dict):
-            raise ValueError(  # noqa: TRY004  (a validator's error too: ValueError)
-                "tool call arguments must be a JSON object"
-            )
+            raise ValueError("tool call arguments must be a JSON object")
         extra = {"id": d["id"]} if d.get("id") else {}
         return cls(name=fn["name"], arguments=args, **extra)
 
@@ -155,9 +151,7 @@ class Message(BaseModel):
         if v is None:
             return None
         if not isinstance(v, list):
-            raise ValueError(  # noqa: TRY004  (pydantic validators raise ValueError)
-                "tool_calls must be a list"
-            )
+            raise ValueError("tool_calls must be a list")
         return [ToolCall.from_openai(tc) for tc in v] or None
 
     @model_validator(mode="after")
@@ -234,9 +228,7 @@ def parse_messages(
 
 def _check_schema(schema: Any) -> dict[str, Any]:
     if not isinstance(schema, Mapping):
-        raise ValueError(  # noqa: TRY004  (a validator's error: ValueError)
-            f"parameters must be a JSON-schema object, got {type(schema).__name__}"
-        )
+        raise ValueError(f"parameters must be a JSON-schema object, got {type(schema).__name__}")
     schema = dict(schema)
     if schema.get("type", "object") != "object":
         raise ValueError(f"parameters must have type 'object', got {schema.get('type')!r}")
@@ -345,9 +337,7 @@ class Tool(BaseModel):
         # Chat Completions nest under "function"; the Responses API form is flat.
         fn = d["function"] if "function" in d else {k: v for k, v in d.items() if k != "type"}
         if not isinstance(fn, Mapping):
-            raise ValueError(  # noqa: TRY004  (like its other errors: ValueError)
-                "tool 'function' must be a dict"
-            )
+            raise ValueError("tool 'function' must be a dict")
         unknown = set(fn) - {"name", "description", "parameters", "strict"}
         if unknown:
             raise ValueError(f"unknown tool field(s): {', '.join(sorted(unknown))}")
@@ -481,9 +471,8 @@ class Params(BaseModel):
         if isinstance(v, Mapping):  # {"type": "function", "function": {"name": ...}}
             fn = v.get("function")
             if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
-                raise ValueError(  # noqa: TRY004  (pydantic validators raise ValueError)
-                    "tool_choice dict must be {'type': 'function', 'function': {'name': ...}}"
-                )
+                raise ValueError(
+                    "tool_choice dict must be {'type': 'function', 'function': {'name': ...}}")
             return fn["name"]
         return v
 
@@ -496,9 +485,7 @@ class Params(BaseModel):
             return {"type": "json_schema", "json_schema": {"name": v.__name__,
                                                            "schema": v.model_json_schema()}}
         if not isinstance(v, Mapping):
-            raise ValueError(  # noqa: TRY004  (pydantic validators raise ValueError)
-                "response_format must be a dict"
-            )
+            raise ValueError("response_format must be a dict")
         kind = v.get("type")
         if kind == "text":
             return None

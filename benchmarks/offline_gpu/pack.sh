@@ -32,6 +32,8 @@ jsonschema jsonschema-specifications referencing rpds-py xgrammar apache-tvm-ffi
 rm -rf "$DEST/whl" "$DEST/model"
 mkdir -p "$DEST/whl" "$DEST/model"
 
+# setuptools would put a stale build/lib's leftovers (modules since removed) in the wheel
+rm -rf build
 "$PY" -m pip wheel -q --no-deps --no-build-isolation . -w "$DEST/whl"
 rm -rf build
 
